@@ -1,0 +1,190 @@
+"""Image preprocessing for encoder-free vision tokens (Gemma 4 "unified" recipe).
+
+Reproduces transformers' `Gemma4UnifiedImageProcessor` bit for bit, minus the padding:
+aspect-preserving resize to a multiple of `pooling_kernel_size * patch_size`, rescale to
+[0, 1] (no mean/std), and a k×k merge of `patch_size` patches into one soft token whose
+vector is the (k*p)×(k*p)×3 pixel block in row-major HWC order.
+
+Decoding (`load_image`) follows transformers' RGB conversion (transparency composited on
+white) but applies EXIF orientation and scales 16/32-bit and float images by their range,
+where Pillow (and so transformers) would clip them at 255.
+"""
+
+import io
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageSource = bytes | bytearray | memoryview | str | os.PathLike | Image.Image
+
+# Errors Pillow raises on corrupt or unsupported data, depending on the format plugin.
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error)
+
+
+def load_image(src: ImageSource) -> Image.Image:
+    """Decode `src` (encoded bytes, a path, or a PIL image) into an upright 8-bit RGB image.
+
+    EXIF orientation is applied. Modes are converted as in transformers' `convert_to_rgb`:
+    images with an alpha band or a `transparency` entry (LA, PA, RGBA, P/L/RGB + tRNS) are
+    alpha-composited onto white, everything else (L, 1, P, CMYK, YCbCr, ...) uses Pillow's
+    `convert("RGB")`. High-bit-depth modes are first reduced to "L" by `_to_8bit` (16-bit:
+    `>> 8`), which is where this deliberately differs from transformers (Pillow clips there).
+
+    Raises:
+        ValueError: the data is not a decodable image, or exceeds Pillow's decompression-bomb
+            limit. Errors reading a path (missing file, permissions) propagate unchanged.
+    """
+    if isinstance(src, (str, os.PathLike)):
+        src = Path(src).read_bytes()
+    try:
+        if isinstance(src, Image.Image):
+            image = src
+        elif isinstance(src, (bytes, bytearray, memoryview)):
+            image = Image.open(io.BytesIO(src))
+        else:
+            raise TypeError(f"load_image expects bytes, a path or a PIL image, got {type(src).__name__}.")
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as err:
+        raise ValueError(
+            f"Image refused as a possible decompression bomb ({err}); downscale it, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if the source is trusted."
+        ) from err
+    except _DECODE_ERRORS as err:
+        raise ValueError(
+            f"Could not decode the image data ({type(err).__name__}: {err}); pass the bytes of a "
+            "complete file in a format Pillow reads (JPEG, PNG, WebP, GIF, TIFF, BMP, ...)."
+        ) from err
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB (see `load_image` for the rules)."""
+    image = _to_8bit(image)
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        # Same as transformers.image_transforms.convert_to_rgb: composite onto opaque white.
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Reduce 16-bit ("I;16*"), 32-bit ("I") and float ("F") grey to "L" by the value range.
+
+    - I;16*: `v >> 8` (65535 -> 255, 256 -> 1).
+    - I: values within [0, 65535] are taken as a 16-bit container (how 16-bit PNG/TIFF often
+      decode) and shifted `>> 8`; otherwise the full int32 range is mapped, `(v + 2**31) >> 24`.
+    - F: values within [0, 1] are scaled by 255; otherwise Pillow's 0..255 convention is kept
+      (clip). Rounded to nearest; NaN becomes 0.
+    """
+    if image.mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.int64)
+        if image.mode == "I;16S":
+            values = values + 2**15
+        grey = values >> 8
+    elif image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        in_16bit = values.size == 0 or (values.min() >= 0 and values.max() <= 0xFFFF)
+        grey = values >> 8 if in_16bit else (values + 2**31) >> 24
+    elif image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        unit = values.size == 0 or (values.min() >= 0.0 and values.max() <= 1.0)
+        grey = np.rint(np.clip(values * 255.0 if unit else values, 0.0, 255.0))
+    else:
+        return image
+    return Image.fromarray(grey.astype(np.uint8), mode="L")
+
+
+def target_size(
+    height: int, width: int, max_soft_tokens: int, patch_size: int = 16, pooling_kernel_size: int = 3
+) -> tuple[int, int]:
+    """Resized (height, width) for a soft-token budget; both multiples of k*p (k = pooling kernel).
+
+    Same arithmetic as transformers' `get_aspect_ratio_preserving_size` with
+    `max_patches = max_soft_tokens * k**2`, for any budget >= 1. One deliberate extension:
+    where both sides floor to 0 (budget 1 on a near-square image, by float rounding),
+    transformers raises and this returns one soft token, (k*p, k*p).
+    """
+    if max_soft_tokens < 1:
+        raise ValueError(f"max_soft_tokens must be >= 1, got {max_soft_tokens}.")
+    if height < 1 or width < 1:
+        raise ValueError(f"Cannot resize an empty image of size {height}x{width}.")
+    side = pooling_kernel_size * patch_size
+    target_px = max_soft_tokens * pooling_kernel_size**2 * patch_size**2
+    factor = math.sqrt(target_px / (height * width))
+    new_h = math.floor(factor * height / side) * side
+    new_w = math.floor(factor * width / side) * side
+    if new_h == 0 and new_w == 0:
+        return side, side
+    max_side = max_soft_tokens * side
+    if new_h == 0:
+        new_h, new_w = side, min(math.floor(width / height) * side, max_side)
+    elif new_w == 0:
+        new_h, new_w = min(math.floor(height / width) * side, max_side), side
+    return new_h, new_w
+
+
+def patchify(
+    image: Image.Image | np.ndarray,
+    max_soft_tokens: int,
+    patch_size: int = 16,
+    pooling_kernel_size: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize, rescale and cut an image into one (k*p)²·3 vector per soft token, unpadded.
+
+    Args:
+        image: PIL image (any mode, converted by `to_rgb`) or uint8 array [H, W, 3].
+
+    Returns:
+        pixel_values: float32 [N, (k*p)*(k*p)*3] in [0, 1]; 6912 wide for p=16, k=3. Element
+            order is (row, column, channel) within the (k*p)×(k*p) block, as transformers'
+            `patches_merge` produces.
+        position_ids: int64 [N, 2], (x, y) = (column, row) of the token on the merged grid;
+            tokens are in row-major order.
+
+    The resize is torch's antialiased bicubic on uint8 (`F.interpolate`), the very kernel
+    torchvision's `resize` dispatches to on CPU for transformers, so results are identical
+    to the processor's non-padding rows. Pillow's bicubic differs by up to ~25/255 on noise.
+    """
+    if isinstance(image, Image.Image):
+        pixels = np.array(to_rgb(image))  # writable copy, H, W, 3
+    else:
+        pixels = np.asarray(image)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise ValueError(f"patchify expects uint8 [H, W, 3] pixels, got {pixels.dtype} {pixels.shape}.")
+    height, width = pixels.shape[:2]
+    new_h, new_w = target_size(height, width, max_soft_tokens, patch_size, pooling_kernel_size)
+    side = pooling_kernel_size * patch_size
+
+    batch = rearrange(torch.from_numpy(pixels), "h w c -> 1 c h w").contiguous()
+    if (new_h, new_w) != (height, width):
+        batch = F.interpolate(batch, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+
+    # 1, C, H, W -> N, (k*p)*(k*p)*C; the same `uint8 * (1/255)` float32 op as transformers' rescale.
+    blocks = rearrange(batch, "1 c (gh a) (gw b) -> (gh gw) (a b c)", a=side, b=side)
+    pixel_values = blocks * (1 / 255)
+
+    grid_h, grid_w = new_h // side, new_w // side
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    position_ids = rearrange(torch.stack((cols, rows)), "xy gh gw -> (gh gw) xy")
+    return pixel_values, position_ids
+
+
+@dataclass(frozen=True)
+class ImagePreprocessor:
+    """Callable `src -> (pixel_values [N, (k*p)²·3], position_ids [N, 2])`: load_image + patchify."""
+
+    max_soft_tokens: int = 280
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+
+    def __call__(self, src: ImageSource) -> tuple[torch.Tensor, torch.Tensor]:
+        return patchify(load_image(src), self.max_soft_tokens, self.patch_size, self.pooling_kernel_size)

@@ -1,0 +1,1 @@
+"""Models: the frozen backbone, the projectors, and the FusionModel that joins them."""

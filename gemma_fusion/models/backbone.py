@@ -1,0 +1,196 @@
+"""The frozen language model: loading from a local directory and a split embed / decode / head API.
+
+Any decoder-only causal LM that transformers can load from safetensors works. A Gemma 4 unified
+checkpoint (`model_type: gemma4_unified`) is first-class: its text model becomes the backbone and its
+`embed_vision` / `embed_audio` weights are handed to the projectors.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.masking_utils import create_masks_for_generate
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from gemma_fusion.errors import UserError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class SpecialTokens:
+    """Token ids the sequence builder needs. Markers are lists (one id for Gemma 4, several for text markers)."""
+
+    bos: int | None
+    eos: int
+    pad: int
+    image_start: list[int]
+    image_end: list[int]
+    image_token: int
+    audio_start: list[int]
+    audio_end: list[int]
+    audio_token: int
+
+
+@dataclass
+class MultimodalSpec:
+    """What the checkpoint says about its own embedders (Gemma 4 unified only); empty otherwise."""
+
+    vision: dict = field(default_factory=dict)
+    audio: dict = field(default_factory=dict)
+    vision_state: dict | None = None
+    audio_state: dict | None = None
+
+
+class Backbone(nn.Module):
+    """A decoder-only LM split into `embed` -> `forward` (hidden states) -> `logits`.
+
+    Splitting lets the FusionModel insert soft tokens between embedding and decoding, and compute the
+    LM head only at target positions.
+    """
+
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module, text_config, model_type: str):
+        super().__init__()
+        self.decoder = decoder
+        self.lm_head = lm_head
+        self.text_config = text_config
+        self.model_type = model_type
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] token ids -> [B, S, H] embeddings (with the model's own embedding scale)."""
+        return self.decoder.get_input_embeddings()(input_ids)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        block_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[B, S, H] embeddings -> [B, S, H] final hidden states.
+
+        `block_ids` [B, S] marks groups of positions that attend to each other bidirectionally
+        (-1 = ordinary causal text), exactly as transformers' `block_sequence_ids`.
+        """
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+        mask = attention_mask
+        if block_ids is not None and (block_ids >= 0).any():
+            mask = create_masks_for_generate(
+                config=self.text_config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=None,
+                position_ids=position_ids,
+                block_sequence_ids=block_ids,
+            )
+        out = self.decoder(
+            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
+        )
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] hidden states -> [..., V] logits, with the model's final soft-cap."""
+        logits = self.lm_head(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+@dataclass
+class LoadedBackbone:
+    backbone: Backbone
+    tokenizer: object
+    tokens: SpecialTokens
+    multimodal: MultimodalSpec
+    bidirectional_image: bool
+
+
+def _read_config(path: Path):
+    if not path.is_dir():
+        raise UserError(
+            f"backbone.path={path} does not exist or is not a directory; pass a local directory holding a "
+            "transformers checkpoint (config.json + *.safetensors + tokenizer files)."
+        )
+    if not (path / "config.json").is_file():
+        raise UserError(f"backbone.path={path} has no config.json; it is not a transformers checkpoint directory.")
+    if not any(path.glob("*.safetensors")):
+        raise UserError(
+            f"backbone.path={path} holds no *.safetensors weights; gemma_fusion loads weights only from safetensors "
+            "(convert with `model.save_pretrained(dir, safe_serialization=True)`)."
+        )
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type != "gemma4_unified" and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(
+            f"backbone.path={path} has model_type '{model_type}', which is not a decoder-only causal LM that "
+            "transformers knows; use a causal LM checkpoint (for example a Gemma 4 unified or Llama directory)."
+        )
+    return AutoConfig.from_pretrained(path, trust_remote_code=False), model_type
+
+
+def _text_markers(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa") -> LoadedBackbone:
+    """Load a frozen backbone, its tokenizer and (for Gemma 4 unified) its embedder weights from `path`."""
+    path = Path(path).expanduser()
+    if dtype not in DTYPES:
+        raise UserError(f"backbone.dtype={dtype} is not supported; choose one of {sorted(DTYPES)}.")
+    config, model_type = _read_config(path)
+    kwargs = dict(dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False,
+                  attn_implementation=attn_implementation)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    spec = MultimodalSpec()
+    if model_type == "gemma4_unified":
+        from transformers import Gemma4UnifiedForConditionalGeneration
+
+        full = Gemma4UnifiedForConditionalGeneration.from_pretrained(path, **kwargs)
+        decoder, lm_head = full.model.language_model, full.lm_head
+        text_config = decoder.config  # the live config: it carries the attention implementation
+        if full.model.embed_vision is not None:
+            vc = config.vision_config
+            spec.vision = dict(patch_size=vc.patch_size, pooling_kernel_size=vc.pooling_kernel_size,
+                               embed_dim=vc.mm_embed_dim, posemb_size=vc.mm_posemb_size, eps=vc.rms_norm_eps)
+            spec.vision_state = full.model.embed_vision.state_dict()
+        if full.model.embed_audio is not None:
+            spec.audio = dict(frame_dim=config.audio_config.audio_embed_dim, eps=config.audio_config.rms_norm_eps)
+            spec.audio_state = full.model.embed_audio.state_dict()
+        tokens = SpecialTokens(
+            bos=text_config.bos_token_id, eos=_first(text_config.eos_token_id), pad=text_config.pad_token_id,
+            image_start=[config.boi_token_id], image_end=[config.eoi_token_id], image_token=config.image_token_id,
+            audio_start=[config.boa_token_id], audio_end=[config.eoa_token_index], audio_token=config.audio_token_id,
+        )
+        bidirectional = text_config.use_bidirectional_attention == "vision"
+    else:
+        full = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        decoder, lm_head, text_config = full.get_decoder(), full.get_output_embeddings(), full.config
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _first(tokenizer.eos_token_id)
+        tokens = SpecialTokens(
+            bos=tokenizer.bos_token_id, eos=_first(tokenizer.eos_token_id), pad=pad,
+            image_start=_text_markers(tokenizer, "<image>"), image_end=_text_markers(tokenizer, "</image>"),
+            image_token=pad, audio_start=_text_markers(tokenizer, "<audio>"),
+            audio_end=_text_markers(tokenizer, "</audio>"), audio_token=pad,
+        )
+        bidirectional = False
+    backbone = Backbone(decoder, lm_head, text_config, model_type)
+    backbone.requires_grad_(False)
+    backbone.eval()
+    return LoadedBackbone(backbone, tokenizer, tokens, spec, bidirectional)
+
+
+def _first(x):
+    return x[0] if isinstance(x, (list, tuple)) else x

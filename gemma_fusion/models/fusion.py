@@ -1,0 +1,172 @@
+"""FusionModel: soft tokens from projectors spliced into a frozen decoder-only LM.
+
+The model never imports Lightning. It accepts the batch keys of transformers'
+`Gemma4UnifiedForConditionalGeneration` and returns an object with `.loss` and `.logits`. With labels,
+the LM head runs only at target positions (a 262,144-token vocabulary makes full-sequence logits the
+largest tensor of a step), so `.logits` is [num_targets, V]; with `labels=None` it is [B, S, V].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma_fusion.models.backbone import Backbone, SpecialTokens, load_backbone
+from gemma_fusion.models.projectors import AudioFrameProjector, PatchEmbedder
+
+IGNORE_INDEX = -100
+TEXT, IMAGE, AUDIO = 0, 1, 3  # transformers' mm_token_type_ids values
+
+
+@dataclass
+class FusionOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    num_targets: int = 0
+
+
+def block_ids_from(is_block: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool -> [B, S] long: each contiguous run of True gets its own id, other positions -1."""
+    prev = F.pad(is_block[:, :-1], (1, 0), value=False)
+    ids = (is_block & ~prev).long().cumsum(1) - 1
+    return torch.where(is_block, ids, torch.full_like(ids, -1))
+
+
+class FusionModel(nn.Module):
+    """Frozen backbone + trainable projectors (+ optional LoRA inside the backbone).
+
+    Args:
+        backbone: the split, frozen language model.
+        tokens: special token ids (markers and placeholders).
+        vision: image projector, `(pixel_values [N, P, D], position_ids [N, P, 2]) -> [N, P, H]`, or None.
+        audio: audio projector, `(frames [N, T, F]) -> [N, T, H]`, or None.
+        bidirectional_image: image tokens attend to each other in both directions (Gemma 4).
+        bidirectional_audio: the same inside each audio clip.
+        tokenizer: kept for convenience (sequence building, decoding); not used in forward.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        tokens: SpecialTokens,
+        vision: nn.Module | None = None,
+        audio: nn.Module | None = None,
+        bidirectional_image: bool = True,
+        bidirectional_audio: bool = False,
+        tokenizer=None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.tokens = tokens
+        self.vision = vision
+        self.audio = audio
+        self.bidirectional_image = bidirectional_image
+        self.bidirectional_audio = bidirectional_audio
+        self.tokenizer = tokenizer
+        for name, proj in (("vision", vision), ("audio", audio)):
+            out = getattr(proj, "out_dim", None)
+            if out is not None and out != backbone.hidden_size:
+                raise ValueError(
+                    f"The {name} projector outputs width {out} but the backbone's hidden size is "
+                    f"{backbone.hidden_size}; set its out_dim to {backbone.hidden_size}."
+                )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32", **kwargs) -> "FusionModel":
+        """Load a Gemma 4 unified checkpoint (or any causal LM, without projectors) from a local directory."""
+        loaded = load_backbone(path, dtype=dtype)
+        hidden = loaded.backbone.hidden_size
+        vision = audio = None
+        if loaded.multimodal.vision_state is not None:
+            vision = PatchEmbedder(out_dim=hidden, **loaded.multimodal.vision).to(loaded.backbone.dtype)
+            vision.load_state_dict(loaded.multimodal.vision_state)
+        if loaded.multimodal.audio_state is not None:
+            audio = AudioFrameProjector(out_dim=hidden, **loaded.multimodal.audio).to(loaded.backbone.dtype)
+            audio.load_state_dict(loaded.multimodal.audio_state)
+        kwargs.setdefault("bidirectional_image", loaded.bidirectional_image)
+        return cls(loaded.backbone, loaded.tokens, vision, audio, tokenizer=loaded.tokenizer, **kwargs)
+
+    def train(self, mode: bool = True) -> "FusionModel":
+        super().train(mode)
+        self.backbone.eval()  # frozen: dropout stays off; only adapter dropout follows `mode`
+        for name, module in self.backbone.named_modules():
+            if name.endswith("lora_dropout"):
+                module.train(mode)
+        return self
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_position_ids: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with soft tokens scattered into the placeholders -> (embeds [B, S, H], block_ids [B, S])."""
+        if mm_token_type_ids is None:
+            mm_token_type_ids = torch.zeros_like(input_ids)
+            mm_token_type_ids[input_ids == self.tokens.image_token] = IMAGE
+            mm_token_type_ids[input_ids == self.tokens.audio_token] = AUDIO
+        image_slots, audio_slots = mm_token_type_ids == IMAGE, mm_token_type_ids == AUDIO
+        embeds = self.backbone.embed(input_ids.masked_fill(image_slots | audio_slots, self.tokens.pad))
+        if pixel_values is not None and pixel_values.numel():
+            if self.vision is None:
+                raise ValueError("The batch has images but the model has no vision projector (model/vision=none).")
+            feats = self.vision(pixel_values, image_position_ids)  # N, P, H
+            feats = feats[(image_position_ids != -1).all(-1)]  # valid patches only: sum(P_i), H
+            embeds = _scatter(embeds, image_slots, feats, "image")
+        if input_features is not None and input_features.numel():
+            if self.audio is None:
+                raise ValueError("The batch has audio but the model has no audio projector (model/audio=none).")
+            feats = self.audio(input_features)  # N, T, H
+            if input_features_mask is not None:
+                feats = feats[input_features_mask.bool()]  # valid frames only: sum(T_i), H
+            embeds = _scatter(embeds, audio_slots, feats.reshape(-1, feats.shape[-1]), "audio")
+        is_block = torch.zeros_like(image_slots)
+        if self.bidirectional_image:
+            is_block |= image_slots
+        if self.bidirectional_audio:
+            is_block |= audio_slots
+        return embeds, block_ids_from(is_block)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_position_ids: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        **unused,
+    ) -> FusionOutput:
+        """Causal-LM loss on the target tokens (labels != -100, shifted by one) and their logits."""
+        embeds, block_ids = self.embed_inputs(
+            input_ids, pixel_values, image_position_ids, input_features, input_features_mask, mm_token_type_ids
+        )
+        hidden = self.backbone(embeds, attention_mask, position_ids, block_ids)  # B, S, H
+        if labels is None:
+            return FusionOutput(loss=None, logits=self.backbone.logits(hidden))
+        targets = labels[:, 1:]
+        selected = targets != IGNORE_INDEX
+        logits = self.backbone.logits(hidden[:, :-1][selected]).float()  # num_targets, V
+        n = int(selected.sum())
+        loss = F.cross_entropy(logits, targets[selected]) if n else hidden.sum() * 0.0
+        return FusionOutput(loss=loss, logits=logits, num_targets=n)
+
+
+def _scatter(embeds: torch.Tensor, slots: torch.Tensor, feats: torch.Tensor, what: str) -> torch.Tensor:
+    if int(slots.sum()) != feats.shape[0]:
+        raise ValueError(
+            f"The batch has {int(slots.sum())} {what} placeholder tokens but the {what} inputs give "
+            f"{feats.shape[0]} soft tokens; build input_ids with the same preprocessing settings as the model."
+        )
+    embeds = embeds.clone()
+    embeds[slots] = feats.to(embeds.dtype)
+    return embeds
