@@ -19,6 +19,7 @@ import tarfile
 import tempfile
 import time
 import zlib
+from contextlib import nullcontext
 from functools import lru_cache, partial
 from multiprocessing import Pool
 from pathlib import Path
@@ -104,7 +105,8 @@ def render_text_image(text: str, rng: np.random.Generator) -> Image.Image:
 
     if rng.random() < 0.3:
         alpha = rng.uniform(0.15, 0.35)  # faint: mostly background colour
-        _draw_distractor(draw, rng, tuple(int(v) for v in np.rint((1 - alpha) * background + alpha * ink)))
+        faint = np.rint((1 - alpha) * background + alpha * ink)
+        _draw_distractor(draw, rng, tuple(int(v) for v in faint))
 
     ink_rgb = tuple(int(v) for v in ink)
     for k, char in enumerate(text):
@@ -117,7 +119,8 @@ def render_text_image(text: str, rng: np.random.Generator) -> Image.Image:
             draw.text((cx + dx, cy), char, fill=ink_rgb, font=font, anchor="mm")
 
     sigma = rng.uniform(0, 12)
-    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, sigma, size=(height, width, 3)).astype(np.float32)
+    noise = rng.normal(0, sigma, size=(height, width, 3)).astype(np.float32)
+    pixels = np.asarray(image, dtype=np.float32) + noise
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
 
 
@@ -195,8 +198,8 @@ def _make_sample_job(seed: int, job: tuple[str, str, int]) -> dict[str, str | by
 def split_order(seed: int, split: str, per_task: int) -> list[tuple[str, str, int]]:
     """The (split, task, index) jobs of a split in their deterministic interleaved order."""
     jobs = [(split, task, i) for task in TASKS for i in range(per_task)]
-    permutation = np.random.default_rng([seed, zlib.crc32(split.encode()), zlib.crc32(b"order")]).permutation(len(jobs))
-    return [jobs[i] for i in permutation]
+    rng = np.random.default_rng([seed, zlib.crc32(split.encode()), zlib.crc32(b"order")])
+    return [jobs[i] for i in rng.permutation(len(jobs))]
 
 
 # ---------------------------------------------------------------------------------------- shards
@@ -242,30 +245,14 @@ def _is_complete(out_dir: Path, params: dict) -> bool:
 
 
 def _replace_dir(new: Path, out_dir: Path) -> None:
-    """Swap the freshly written `new` in place of `out_dir`, refusing to delete foreign directories."""
+    """Swap the freshly written `new` in place of `out_dir` (two renames; the old copy is deleted)."""
     if out_dir.exists():
-        foreign = {p.name for p in out_dir.iterdir()} - {"manifest.json", *SPLITS}
-        if foreign:
-            raise FileExistsError(f"{out_dir} holds files that are not demo data: {sorted(foreign)}")
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         out_dir.rename(old / out_dir.name)
         new.rename(out_dir)
         shutil.rmtree(old)
     else:
         new.rename(out_dir)
-
-
-class _InlinePool:
-    """The slice of `multiprocessing.Pool` used above, run in this process (num_workers <= 1)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def imap(self, fn, iterable, chunksize=1):
-        return map(fn, iterable)
 
 
 def ensure_demo_data(
@@ -286,10 +273,17 @@ def ensure_demo_data(
     out_dir = Path(out_dir)
     if min(train_per_task, val_per_task, seed) < 0 or samples_per_shard < 1:
         raise ValueError("counts and seed must be >= 0 and samples_per_shard >= 1")
-    params = {"train_per_task": train_per_task, "val_per_task": val_per_task, "seed": seed,
-              "samples_per_shard": samples_per_shard}  # fmt: skip
+    params = {
+        "train_per_task": train_per_task,
+        "val_per_task": val_per_task,
+        "seed": seed,
+        "samples_per_shard": samples_per_shard,
+    }
     if _is_complete(out_dir, params):
         return out_dir
+    foreign = {p.name for p in out_dir.iterdir()} - {"manifest.json", *SPLITS} if out_dir.is_dir() else set()
+    if foreign or out_dir.is_file():
+        raise FileExistsError(f"refusing to replace {out_dir}: it holds files that are not demo data")
 
     per_task = {"train": train_per_task, "val": val_per_task}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -297,10 +291,10 @@ def ensure_demo_data(
     try:
         staging, shards = tmp / out_dir.name, {}
         staging.mkdir()
-        with Pool(num_workers) if num_workers > 1 else _InlinePool() as pool:
+        with Pool(num_workers) if num_workers > 1 else nullcontext() as pool:
             for split in SPLITS:
-                jobs = split_order(seed, split, per_task[split])
-                samples = pool.imap(partial(_make_sample_job, seed), jobs, chunksize=16)
+                jobs, make = split_order(seed, split, per_task[split]), partial(_make_sample_job, seed)
+                samples = pool.imap(make, jobs, chunksize=16) if pool else map(make, jobs)
                 samples = tqdm(samples, total=len(jobs), desc=f"demo {split}", disable=not progress)
                 shards[split] = _write_shards(staging / split, samples, samples_per_shard)
         manifest = {
@@ -327,8 +321,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    out = ensure_demo_data(args.out, args.train_per_task, args.val_per_task, args.seed,
-                           args.samples_per_shard, num_workers=args.workers)  # fmt: skip
+    out = ensure_demo_data(
+        args.out, args.train_per_task, args.val_per_task, args.seed, args.samples_per_shard, args.workers
+    )
     print(f"demo data ready in {out} ({time.perf_counter() - start:.1f} s)")
 
 

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gemma_fusion.errors import UserError
+
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike | Image.Image
 
 # Errors Pillow raises on corrupt or unsupported data, depending on the format plugin.
@@ -39,29 +41,31 @@ def load_image(src: ImageSource) -> Image.Image:
     `>> 8`), which is where this deliberately differs from transformers (Pillow clips there).
 
     Raises:
-        ValueError: the data is not a decodable image, or exceeds Pillow's decompression-bomb
-            limit. Errors reading a path (missing file, permissions) propagate unchanged.
+        UserError (a ValueError): the data is not a decodable image, or exceeds Pillow's
+            decompression-bomb limit. Errors reading a path (missing file, permissions) propagate unchanged.
     """
     if isinstance(src, (str, os.PathLike)):
         src = Path(src).read_bytes()
     try:
         if isinstance(src, Image.Image):
-            image = src
+            src.load()
+            image = ImageOps.exif_transpose(src)  # a copy: the caller's image is left alone
         elif isinstance(src, (bytes, bytearray, memoryview)):
             image = Image.open(io.BytesIO(src))
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
         else:
             raise TypeError(f"load_image expects bytes, a path or a PIL image, got {type(src).__name__}.")
-        image.load()
-        image = ImageOps.exif_transpose(image)
     except Image.DecompressionBombError as err:
-        raise ValueError(
+        raise UserError(
             f"Image refused as a possible decompression bomb ({err}); downscale it, or raise "
             "PIL.Image.MAX_IMAGE_PIXELS if the source is trusted."
         ) from err
     except _DECODE_ERRORS as err:
-        raise ValueError(
-            f"Could not decode the image data ({type(err).__name__}: {err}); pass the bytes of a "
-            "complete file in a format Pillow reads (JPEG, PNG, WebP, GIF, TIFF, BMP, ...)."
+        reason = "format not recognised" if isinstance(err, UnidentifiedImageError) else err
+        raise UserError(
+            f"Could not decode the image data ({reason}); pass the bytes of a complete file "
+            "in a format Pillow reads (JPEG, PNG, WebP, GIF, TIFF, BMP, ...)."
         ) from err
     return to_rgb(image)
 
@@ -114,9 +118,9 @@ def target_size(
     transformers raises and this returns one soft token, (k*p, k*p).
     """
     if max_soft_tokens < 1:
-        raise ValueError(f"max_soft_tokens must be >= 1, got {max_soft_tokens}.")
+        raise UserError(f"max_soft_tokens must be >= 1, got {max_soft_tokens}.")
     if height < 1 or width < 1:
-        raise ValueError(f"Cannot resize an empty image of size {height}x{width}.")
+        raise UserError(f"Cannot resize an empty image of size {height}x{width}.")
     side = pooling_kernel_size * patch_size
     target_px = max_soft_tokens * pooling_kernel_size**2 * patch_size**2
     factor = math.sqrt(target_px / (height * width))
@@ -159,7 +163,7 @@ def patchify(
     else:
         pixels = np.asarray(image)
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
-        raise ValueError(f"patchify expects uint8 [H, W, 3] pixels, got {pixels.dtype} {pixels.shape}.")
+        raise UserError(f"patchify expects uint8 [H, W, 3] pixels, got {pixels.dtype} {pixels.shape}.")
     height, width = pixels.shape[:2]
     new_h, new_w = target_size(height, width, max_soft_tokens, patch_size, pooling_kernel_size)
     side = pooling_kernel_size * patch_size
