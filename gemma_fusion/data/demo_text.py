@@ -2,7 +2,7 @@
 
 The media block is written with ordinary byte tokens standing in for soft tokens: an image of the
 demo is 8 cells, so its text version is 8 slots holding the characters (one per cell) and spaces;
-a DTMF clip is 40 ms frames, so its text version repeats each digit for 2-4 frames with 0-2 blank
+a DTMF clip is 40 ms frames, so its text version repeats each digit for 2-4 frames with 1-3 blank
 frames between tones. After the prompt the backbone learns to write the collapsed characters. A
 frozen backbone that already reads this format gives the projectors a target to aim at: soft tokens
 that look like the characters they show.
@@ -23,19 +23,17 @@ def random_target(task: str, rng: np.random.Generator) -> str:
     return "".join(alphabet[i] for i in rng.integers(0, len(alphabet), size=n))
 
 
-def image_slots(target: str, rng: np.random.Generator, cells: int = CELLS) -> str:
-    """One character per cell from a random start cell; blanks elsewhere."""
-    start = int(rng.integers(0, cells - len(target) + 1))
-    return BLANK * start + target + BLANK * (cells - start - len(target))
+def image_slots(target: str, cells: int = CELLS) -> str:
+    """One character per cell from the first cell, as the demo renders them; blanks after."""
+    return target + BLANK * (cells - len(target))
 
 
 def audio_slots(target: str, rng: np.random.Generator) -> str:
-    """Each digit held for 2-4 frames, 0-2 blank frames between (>= 1 between equal digits), 0-5 at the ends."""
+    """Each digit held for 2-4 frames, 1-3 blank frames between tones, 0-5 at each end."""
     out = BLANK * int(rng.integers(0, 6))
     for i, ch in enumerate(target):
         if i:
-            gap = int(rng.integers(0, 3))
-            out += BLANK * (max(gap, 1) if ch == target[i - 1] else gap)
+            out += BLANK * int(rng.integers(1, 4))
         out += ch * int(rng.integers(2, 5))
     return out + BLANK * int(rng.integers(0, 6))
 
@@ -45,4 +43,4 @@ def text_example(task: str, rng: np.random.Generator) -> tuple[str, str, str, st
     target = random_target(task, rng)
     if task == "dtmf":
         return "audio", audio_slots(target, rng), TASKS[task], target
-    return "image", image_slots(target, rng), TASKS[task], target
+    return "image", image_slots(target), TASKS[task], target

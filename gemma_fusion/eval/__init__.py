@@ -1,0 +1,1 @@
+"""Evaluation: teacher-forced loss and greedy-generation metrics per task."""

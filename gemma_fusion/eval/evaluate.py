@@ -1,0 +1,64 @@
+"""Evaluate a FusionModel on a loader: teacher-forced loss and greedy-generation EM / CER / WER per task."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gemma_fusion.eval.metrics import score
+from gemma_fusion.inference.generate import greedy_generate
+from gemma_fusion.models.fusion import IGNORE_INDEX, FusionModel
+
+MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_position_ids", "input_features",
+              "input_features_mask", "labels", "mm_token_type_ids")
+
+
+def prompt_only(batch: dict, pad_id: int) -> dict:
+    """The same batch cut before each row's first target token (a generation prompt)."""
+    has_label = batch["labels"] != IGNORE_INDEX
+    lengths = torch.where(has_label.any(1), has_label.float().argmax(1), batch["attention_mask"].sum(1))
+    keep = torch.arange(batch["input_ids"].shape[1]) < lengths[:, None]
+    return {**batch, "input_ids": batch["input_ids"].masked_fill(~keep, pad_id), "attention_mask": keep.long(),
+            "mm_token_type_ids": batch["mm_token_type_ids"].masked_fill(~keep, 0)}
+
+
+@torch.no_grad()
+def evaluate(model: FusionModel, loader, max_new_tokens: int = 16, predictions_path: str | Path | None = None) -> dict:
+    """Returns {"overall": {...}, "tasks": {task: {...}}} with loss, exact_match, cer, wer, n."""
+    model.eval()
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    records = []
+    for batch in tqdm(loader, desc="evaluating", unit="batch"):
+        out = model(**{k: batch[k] for k in MODEL_KEYS if k in batch})
+        targets = batch["labels"][:, 1:]
+        selected = targets != IGNORE_INDEX
+        token_loss = F.cross_entropy(out.logits, targets[selected], reduction="none")
+        row_of = selected.nonzero()[:, 0]
+        generated = greedy_generate(model, prompt_only(batch, model.tokens.pad), max_new_tokens)
+        for i, meta in enumerate(batch["meta"]):
+            text = model.tokenizer.decode(generated[i], skip_special_tokens=True)
+            metrics = score(text, meta["target"])
+            for bucket in ("overall", meta["task"]):
+                s = sums[bucket]
+                s["loss_sum"] += float(token_loss[row_of == i].sum())
+                s["tokens"] += int((row_of == i).sum())
+                s["n"] += 1
+                for k, v in metrics.items():
+                    s[k] += v
+            records.append({**meta, "prediction": text, **metrics})
+    if predictions_path is not None:
+        Path(predictions_path).write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = {b: {"loss": s["loss_sum"] / max(1, s["tokens"]), "exact_match": s["exact_match"] / s["n"],
+                   "cer": s["cer"] / s["n"], "wer": s["wer"] / s["n"], "n": int(s["n"])} for b, s in sums.items()}
+    return {"overall": summary.pop("overall", {}), "tasks": dict(sorted(summary.items()))}
+
+
+def print_table(result: dict) -> None:
+    rows = [("overall", result["overall"]), *result["tasks"].items()]
+    print(f"{'task':<12} {'n':>5} {'loss':>8} {'EM':>7} {'CER':>7} {'WER':>7}")
+    for name, m in rows:
+        print(f"{name:<12} {m['n']:>5} {m['loss']:>8.4f} {m['exact_match']:>7.3f} {m['cer']:>7.3f} {m['wer']:>7.3f}")

@@ -1,0 +1,65 @@
+"""Build a FusionModel from the composed Hydra config: backbone, projectors, LoRA."""
+from __future__ import annotations
+
+import logging
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gemma_fusion.errors import UserError
+from gemma_fusion.models.backbone import load_backbone
+from gemma_fusion.models.fusion import FusionModel
+from gemma_fusion.training.trainable import add_lora, set_trainable
+
+log = logging.getLogger(__name__)
+
+
+def build_projector(node: DictConfig | None, hidden: int, ckpt_args: dict, ckpt_state: dict | None, name: str):
+    """Instantiate a projector config; `null` arguments take the checkpoint's value (or the default).
+
+    With `init_from_checkpoint: true` the checkpoint's embedder weights are loaded when they fit.
+    """
+    if node is None or "_target_" not in node:
+        return None
+    args = OmegaConf.to_container(node, resolve=True)
+    from_ckpt = args.pop("init_from_checkpoint", True)
+    out_dim = args.pop("out_dim", None)
+    if out_dim is not None and out_dim != hidden:
+        raise UserError(
+            f"model/{name} has out_dim={out_dim} but the backbone's hidden size is {hidden}; "
+            f"remove out_dim or set it to {hidden}."
+        )
+    for key, value in list(args.items()):
+        if value is None:
+            if key in ckpt_args:
+                args[key] = ckpt_args[key]
+            else:
+                del args[key]
+    projector = instantiate(args, out_dim=hidden)
+    if from_ckpt and ckpt_state is not None:
+        shapes = {k: v.shape for k, v in projector.state_dict().items()}
+        if shapes == {k: v.shape for k, v in ckpt_state.items()}:
+            projector.load_state_dict(ckpt_state)
+            log.info("model/%s initialised from the checkpoint's embedder", name)
+        else:
+            log.warning("model/%s does not have the checkpoint's embedder shapes; it starts from random init", name)
+    return projector
+
+
+def build_model(cfg: DictConfig) -> FusionModel:
+    loaded = load_backbone(cfg.backbone.path, cfg.backbone.dtype, cfg.backbone.attn_implementation)
+    hidden = loaded.backbone.hidden_size
+    mm = loaded.multimodal
+    vision = build_projector(cfg.model.get("vision"), hidden, mm.vision, mm.vision_state, "vision")
+    audio = build_projector(cfg.model.get("audio"), hidden, mm.audio, mm.audio_state, "audio")
+    bidir = cfg.model.bidirectional_image
+    model = FusionModel(
+        loaded.backbone, loaded.tokens, vision, audio,
+        bidirectional_image=loaded.bidirectional_image if bidir is None else bidir,
+        bidirectional_audio=cfg.model.bidirectional_audio, tokenizer=loaded.tokenizer,
+    )
+    if cfg.lora.get("r"):
+        add_lora(loaded.backbone.decoder, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
+                 cfg.lora.target_modules, cfg.lora.get("use_dora", False))
+    set_trainable(model)
+    return model

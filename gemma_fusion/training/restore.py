@@ -1,0 +1,31 @@
+"""Rebuild a trained FusionModel from a run directory: its config.yaml plus final/trainable.safetensors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from gemma_fusion.errors import UserError
+
+
+def load_run(run_dir: str | Path):
+    """-> (FusionModel with the run's trainable weights, the run's config)."""
+    from gemma_fusion.models.build import build_model
+
+    run_dir = Path(run_dir)
+    config_path, weights = run_dir / "config.yaml", run_dir / "final" / "trainable.safetensors"
+    for path in (config_path, weights):
+        if not path.is_file():
+            raise UserError(f"run={run_dir} has no {path.relative_to(run_dir)}; pass a directory written by train.py.")
+    cfg = OmegaConf.load(config_path)
+    model = build_model(cfg)
+    state = load_file(str(weights))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != expected:
+        raise UserError(
+            f"{weights} does not fit the model its config builds (missing {sorted(expected - set(state))[:3]}, "
+            f"unexpected {sorted(set(state) - expected)[:3]}); was config.yaml edited?"
+        )
+    model.load_state_dict(state, strict=False)
+    return model.eval(), cfg

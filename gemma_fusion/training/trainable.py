@@ -1,0 +1,48 @@
+"""What trains and what stays frozen, decided in one place, logged with parameter counts per part."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+log = logging.getLogger(__name__)
+PARTS = ("vision", "audio", "lora", "backbone")
+
+
+def add_lora(decoder: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str],
+             use_dora: bool = False) -> None:
+    """Inject peft LoRA adapters into the backbone's decoder (in place)."""
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        use_dora=use_dora)
+    inject_adapter_in_model(config, decoder)
+
+
+def part_of(name: str) -> str:
+    """Which part a parameter belongs to: 'vision', 'audio', 'lora' or 'backbone'."""
+    if name.startswith("vision."):
+        return "vision"
+    if name.startswith("audio."):
+        return "audio"
+    return "lora" if "lora_" in name else "backbone"
+
+
+def set_trainable(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Projectors and LoRA train; the backbone is frozen. Returns and logs counts per part."""
+    counts = {p: {"trainable": 0, "total": 0} for p in PARTS}
+    for name, param in model.named_parameters():
+        part = part_of(name)
+        param.requires_grad_(part != "backbone")
+        counts[part]["total"] += param.numel()
+        counts[part]["trainable"] += param.numel() if param.requires_grad else 0
+    for part, c in counts.items():
+        if c["total"]:
+            tag = "[TRAINABLE]" if c["trainable"] else "[Frozen]   "
+            log.info("%s %-8s %12s / %12s parameters", tag, part, f"{c['trainable']:,}", f"{c['total']:,}")
+    return counts
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only what trains (projectors + adapters): the frozen backbone is never copied."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}

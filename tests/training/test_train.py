@@ -1,0 +1,80 @@
+"""train.py and eval.py end to end on a tiny backbone: files written, what trains, what stays frozen."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import eval as eval_entry
+import train as train_entry
+from gemma_fusion.errors import UserError
+from gemma_fusion.models.build import build_model
+
+
+def test_train_then_eval_writes_the_run_directory(make_cfg, tmp_path):
+    cfg = make_cfg("trainer.max_steps=4", "eval_after_train=false")
+    before = dict(build_model(cfg).named_parameters())
+    trained = train_entry.train(cfg, tmp_path)
+
+    assert (tmp_path / "config.yaml").is_file()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    losses = [r for r in rows if r.get("train/loss")]
+    assert "step" in rows[0] and len(losses) >= 3
+    assert {"train/tokens_per_s", "train/samples_per_s", "lr/vision", "lr/audio", "lr/lora"} <= set(rows[0])
+
+    saved = load_file(tmp_path / "final" / "trainable.safetensors")
+    model = build_model(cfg)
+    assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(k.startswith("vision.") for k in saved) and any("lora_" in k for k in saved)
+    assert not any(k.startswith("backbone.") and "lora_" not in k for k in saved)
+
+    # training moved what trains and nothing of the frozen backbone
+    for name, p in trained.named_parameters():
+        assert torch.equal(p, before[name]) != p.requires_grad, name
+
+    result = train_entry.run(make_cfg("trainer.max_steps=4"), tmp_path)
+
+    assert set(result) == {"overall", "tasks"}
+    assert set(result["tasks"]) == {"ocr_digits", "ocr_words", "dtmf"}
+    assert set(result["overall"]) == {"loss", "exact_match", "cer", "wer", "n"} and result["overall"]["n"] == 6
+
+    again = eval_entry.run(eval_entry_cfg(tmp_path))
+    assert json.loads((tmp_path / "eval.json").read_text()) == again
+    assert again["overall"]["loss"] == pytest.approx(result["overall"]["loss"], rel=1e-5)
+
+
+def eval_entry_cfg(run_dir):
+    from hydra import compose, initialize_config_dir
+
+    from gemma_fusion.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("eval", overrides=[f"run={run_dir}"])
+
+
+def test_frozen_backbone_gets_no_gradient_and_projectors_do(make_cfg):
+    model = build_model(make_cfg())
+    model.train()
+    assert all(not m.training for n, m in model.backbone.named_modules() if "lora_dropout" not in n)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("vision.", "audio.")) or "lora_" in n for n in trainable)
+
+
+def test_backbone_path_that_does_not_exist_is_one_clear_sentence(make_cfg, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        build_model(make_cfg(f"backbone.path={tmp_path / 'nope'}"))
+
+
+def test_backbone_that_is_not_a_causal_lm_is_rejected(make_cfg, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="not a decoder-only causal LM"):
+        build_model(make_cfg(f"backbone.path={tmp_path}"))
+
+
+def test_projector_width_mismatch_names_both_widths(make_cfg):
+    with pytest.raises(UserError, match="out_dim=32 but the backbone's hidden size is 64"):
+        build_model(make_cfg("+model.vision.out_dim=32"))

@@ -1,0 +1,87 @@
+"""Train projectors (+ LoRA) on a frozen backbone: `python train.py [overrides]` (see configs/train.yaml)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from gemma_fusion.config import CONFIG_DIR, save_yaml
+from gemma_fusion.errors import UserError
+
+log = logging.getLogger("gemma_fusion.train")
+
+
+def prepare(cfg: DictConfig) -> None:
+    """First-run preparation: the demo data and the project's tiny backbone, each made once and cached."""
+    if cfg.data.get("prepare_demo"):
+        from gemma_fusion.data.demo import ensure_demo_data
+
+        ensure_demo_data(Path(cfg.data.train).parent, cfg.data.demo_train_per_task, cfg.data.demo_val_per_task)
+    if cfg.backbone.get("pretrain"):
+        from gemma_fusion.training.pretrain_text import PretrainConfig, ensure_pretrained
+
+        ensure_pretrained(cfg.backbone.path, PretrainConfig(**cfg.backbone.pretrain))
+
+
+def train(cfg: DictConfig, run_dir: Path):
+    """Prepare, build, train and save into `run_dir`; returns the trained FusionModel."""
+    from gemma_fusion.data.pipeline import make_loader, preprocessor_for
+    from gemma_fusion.models.build import build_model
+    from gemma_fusion.training.callbacks import build_callbacks, build_loggers, save_final
+    from gemma_fusion.training.module import FusionLitModule
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, run_dir / "config.yaml")
+    L.seed_everything(cfg.seed, workers=True)
+    prepare(cfg)
+    model = build_model(cfg)
+    data = cfg.data
+    preprocess = preprocessor_for(model, data.image_tokens, data.audio_max_seconds)
+    train_loader = make_loader(data.train, preprocess, data.batch_size, data.num_workers, data.shuffle_buffer,
+                               cfg.seed, resampled=True)
+    module = FusionLitModule(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
+                             warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.trainer.max_steps)
+    trainer = L.Trainer(**cfg.trainer, default_root_dir=run_dir, logger=build_loggers(cfg, run_dir),
+                        callbacks=build_callbacks(cfg, run_dir))
+    trainer.fit(module, train_dataloaders=train_loader)
+    save_final(model, run_dir)
+    return model
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """train(), then greedy-generation evaluation on data.val -> RUN/eval.json (if eval_after_train)."""
+    from gemma_fusion.data.pipeline import make_loader, preprocessor_for
+    from gemma_fusion.eval.evaluate import evaluate, print_table
+
+    model = train(cfg, run_dir)
+    if not cfg.eval_after_train:
+        return {}
+    data = cfg.data
+    preprocess = preprocessor_for(model, data.image_tokens, data.audio_max_seconds)
+    val_loader = make_loader(data.val, preprocess, data.eval_batch_size, data.num_workers)
+    result = evaluate(model, val_loader, predictions_path=run_dir / "eval_predictions.jsonl")
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    print_table(result)
+    return result
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except UserError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s", err)
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
