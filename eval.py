@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -10,10 +9,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from gemma_fusion.config import CONFIG_DIR
+from gemma_fusion.config import CONFIG_DIR, check_cli_overrides
 from gemma_fusion.errors import UserError
-
-log = logging.getLogger("gemma_fusion.eval")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -40,9 +37,9 @@ def main(cfg: DictConfig) -> None:
     except UserError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        log.error("%s", err)
         sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":
+    check_cli_overrides("eval", sys.argv[1:])
     main()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -12,10 +11,8 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from gemma_fusion.config import CONFIG_DIR, save_yaml
+from gemma_fusion.config import CONFIG_DIR, check_cli_overrides, save_yaml, to_plain
 from gemma_fusion.errors import UserError
-
-log = logging.getLogger("gemma_fusion.train")
 
 
 def prepare(cfg: DictConfig) -> None:
@@ -23,11 +20,12 @@ def prepare(cfg: DictConfig) -> None:
     if cfg.data.get("prepare_demo"):
         from gemma_fusion.data.demo import ensure_demo_data
 
-        ensure_demo_data(Path(cfg.data.train).parent, cfg.data.demo_train_per_task, cfg.data.demo_val_per_task)
+        data = to_plain(cfg.data)
+        ensure_demo_data(Path(data["train"]).parent, data["demo_train_per_task"], data["demo_val_per_task"])
     if cfg.backbone.get("pretrain"):
         from gemma_fusion.training.pretrain_text import PretrainConfig, ensure_pretrained
 
-        ensure_pretrained(cfg.backbone.path, PretrainConfig(**cfg.backbone.pretrain))
+        ensure_pretrained(cfg.backbone.path, PretrainConfig(**to_plain(cfg.backbone.pretrain)))
 
 
 def train(cfg: DictConfig, run_dir: Path):
@@ -48,8 +46,9 @@ def train(cfg: DictConfig, run_dir: Path):
                                cfg.seed, resampled=True)
     module = FusionLitModule(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
                              warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.trainer.max_steps)
+    callbacks = build_callbacks(cfg, run_dir)
     trainer = L.Trainer(**cfg.trainer, default_root_dir=run_dir, logger=build_loggers(cfg, run_dir),
-                        callbacks=build_callbacks(cfg, run_dir))
+                        callbacks=callbacks, enable_checkpointing=bool(callbacks))
     trainer.fit(module, train_dataloaders=train_loader)
     save_final(model, run_dir)
     return model
@@ -79,9 +78,9 @@ def main(cfg: DictConfig) -> None:
     except UserError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        log.error("%s", err)
         sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":
+    check_cli_overrides("train", sys.argv[1:])
     main()

@@ -8,6 +8,7 @@ This is exactly what transformers' `Gemma4UnifiedAudioFeatureExtractor` does for
 
 import io
 import os
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+import torchaudio
 import torchaudio.functional as AF
 from einops import rearrange
 
@@ -56,8 +58,14 @@ def load_audio(src: AudioSource, sampling_rate: int = 16000) -> torch.Tensor:
             ) from err
         wave = torch.from_numpy(samples).mean(dim=1)  # T, C -> T
     if source_rate != sampling_rate and wave.numel() > 0:
-        wave = AF.resample(wave, orig_freq=int(source_rate), new_freq=int(sampling_rate))
+        wave = _resampler(int(source_rate), int(sampling_rate))(wave)
     return wave.contiguous()
+
+
+@lru_cache(maxsize=32)
+def _resampler(orig_freq: int, new_freq: int) -> torchaudio.transforms.Resample:
+    """torchaudio's resampler with its filter kernel built once per rate pair (same output as AF.resample)."""
+    return torchaudio.transforms.Resample(orig_freq, new_freq)
 
 
 def _to_float(samples: np.ndarray | torch.Tensor) -> torch.Tensor:

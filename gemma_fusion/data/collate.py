@@ -11,6 +11,12 @@ import torch
 from gemma_fusion.models.fusion import IGNORE_INDEX
 
 
+def modality(sample: dict) -> str:
+    """Which media a sample carries: 'image', 'audio', 'image+audio' or 'text'."""
+    kinds = [name for name, key in (("image", "images"), ("audio", "audio")) if sample[key]]
+    return "+".join(kinds) or "text"
+
+
 def _pad_stack(tensors: list[torch.Tensor], value) -> torch.Tensor:
     """Stack [L_i, ...] tensors into [N, max L_i, ...], padding with `value`."""
     out = tensors[0].new_full((len(tensors), max(t.shape[0] for t in tensors), *tensors[0].shape[1:]), value)
@@ -34,5 +40,6 @@ def collate(samples: list[dict], pad_id: int) -> dict:
     if clips:
         batch["input_features"] = _pad_stack(clips, 0.0)
         batch["input_features_mask"] = _pad_stack([torch.ones(len(c), dtype=torch.bool) for c in clips], False)
-    batch["meta"] = [{k: s[k] for k in ("key", "task", "prompt", "target")} for s in samples]
+    batch["meta"] = [{**{k: s[k] for k in ("key", "task", "prompt", "target")}, "modality": modality(s)}
+                     for s in samples]
     return batch

@@ -22,6 +22,7 @@ import zlib
 from contextlib import nullcontext
 from functools import lru_cache, partial
 from multiprocessing import Pool
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -201,9 +202,19 @@ def _make_sample_job(seed: int, job: tuple[str, str, int]) -> dict[str, str | by
     return make_sample(seed, *job)
 
 
-def split_order(seed: int, split: str, per_task: int) -> list[tuple[str, str, int]]:
+def task_counts(per_task: int | Mapping[str, int]) -> dict[str, int]:
+    """One count for every task, or a count per task (every task named)."""
+    if not isinstance(per_task, Mapping):
+        return {task: int(per_task) for task in TASKS}
+    if set(per_task) != set(TASKS):
+        raise ValueError(f"per-task counts must name exactly the tasks {sorted(TASKS)}, got {sorted(per_task)}")
+    return {task: int(per_task[task]) for task in TASKS}
+
+
+def split_order(seed: int, split: str, per_task: int | Mapping[str, int]) -> list[tuple[str, str, int]]:
     """The (split, task, index) jobs of a split in their deterministic interleaved order."""
-    jobs = [(split, task, i) for task in TASKS for i in range(per_task)]
+    counts = task_counts(per_task)
+    jobs = [(split, task, i) for task in TASKS for i in range(counts[task])]
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), zlib.crc32(b"order")])
     return [jobs[i] for i in rng.permutation(len(jobs))]
 
@@ -263,8 +274,8 @@ def _replace_dir(new: Path, out_dir: Path) -> None:
 
 def ensure_demo_data(
     out_dir: str | Path,
-    train_per_task: int = 3000,
-    val_per_task: int = 200,
+    train_per_task: int | Mapping[str, int] = 3000,
+    val_per_task: int | Mapping[str, int] = 200,
     seed: int = 0,
     samples_per_shard: int = 1000,
     num_workers: int = 2,
@@ -277,11 +288,12 @@ def ensure_demo_data(
     does not depend on `num_workers`. Not safe for concurrent callers: call from one process.
     """
     out_dir = Path(out_dir)
-    if min(train_per_task, val_per_task, seed) < 0 or samples_per_shard < 1:
+    per_task = {"train": task_counts(train_per_task), "val": task_counts(val_per_task)}
+    if min(*per_task["train"].values(), *per_task["val"].values(), seed) < 0 or samples_per_shard < 1:
         raise ValueError("counts and seed must be >= 0 and samples_per_shard >= 1")
     params = {
-        "train_per_task": train_per_task,
-        "val_per_task": val_per_task,
+        "train_per_task": per_task["train"],
+        "val_per_task": per_task["val"],
         "seed": seed,
         "samples_per_shard": samples_per_shard,
     }
@@ -291,7 +303,6 @@ def ensure_demo_data(
     if foreign or out_dir.is_file():
         raise FileExistsError(f"refusing to replace {out_dir}: it holds files that are not demo data")
 
-    per_task = {"train": train_per_task, "val": val_per_task}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -307,7 +318,7 @@ def ensure_demo_data(
             "version": DATA_VERSION,
             "params": params,
             "tasks": TASKS,
-            "counts": {split: {task: per_task[split] for task in TASKS} for split in SPLITS},
+            "counts": per_task,
             "shards": shards,
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 
 from gemma_fusion.data.audio import AudioPreprocessor
-from gemma_fusion.data.collate import collate
+from gemma_fusion.data.collate import collate, modality
 from gemma_fusion.data.image import ImagePreprocessor
 from gemma_fusion.data.sequence import build_sequence
 from gemma_fusion.errors import UserError
@@ -86,12 +86,6 @@ def skip_and_count(exn: Exception) -> bool:
     return True
 
 
-def modality(sample: dict) -> str:
-    """The bucket key: which media a sample carries ('image', 'audio', 'image+audio' or 'text')."""
-    kinds = [name for name, key in (("image", "images"), ("audio", "audio")) if sample[key]]
-    return "+".join(kinds) or "text"
-
-
 def batched_by_modality(batch_size: int, pad_id: int):
     """webdataset stage: batches of one modality each, so short image samples never pad to audio length."""
     def stage(samples):
@@ -117,19 +111,23 @@ def make_loader(
     seed: int = 0,
     resampled: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader over shards; `resampled=True` streams forever (training), otherwise one pass (eval)."""
+    """A DataLoader over shards; `resampled=True` streams forever (training), otherwise one pass (eval).
+
+    The stream is a function of `seed` (and the worker index): shards are drawn with a seeded
+    generator and the sample shuffle buffer is seeded too, so a rerun sees the same batches.
+    """
     urls = resolve_shards(spec)
-    if num_workers > len(urls) and not resampled:
-        log.warning("%d shards for %d workers: some workers will get no data", len(urls), num_workers)
-    dataset = wds.WebDataset(
-        urls, resampled=resampled, shardshuffle=bool(shuffle) and not resampled and 100, seed=seed,
-        nodesplitter=None if resampled else wds.split_by_node, handler=skip_and_count, empty_check=False,
-    )
+    if resampled:
+        source = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    else:
+        if num_workers > len(urls):
+            log.warning("%d shards for %d workers: some workers will get no data", len(urls), num_workers)
+        source = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+    stages = [*source, wds.tarfile_to_samples(handler=skip_and_count)]
     if shuffle:
-        dataset = dataset.shuffle(shuffle, seed=seed)
-    dataset = dataset.map(preprocess, handler=skip_and_count)
-    dataset = dataset.compose(batched_by_modality(batch_size, preprocess.tokens.pad))
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+        stages.append(wds.shuffle(shuffle, seed=seed))
+    stages += [wds.map(preprocess, handler=skip_and_count), batched_by_modality(batch_size, preprocess.tokens.pad)]
+    return torch.utils.data.DataLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers,
                                        persistent_workers=num_workers > 0)
 
 

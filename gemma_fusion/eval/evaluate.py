@@ -28,7 +28,10 @@ def prompt_only(batch: dict, pad_id: int) -> dict:
 
 @torch.no_grad()
 def evaluate(model: FusionModel, loader, max_new_tokens: int = 16, predictions_path: str | Path | None = None) -> dict:
-    """Returns {"overall": {...}, "tasks": {task: {...}}} with loss, exact_match, cer, wer, n."""
+    """Returns {"overall": {...}, "tasks": {task: {...}}, "modalities": {"image": {...}, ...}}.
+
+    Each entry holds loss (teacher-forced, per target token), exact_match, cer, wer (greedy) and n.
+    """
     model.eval()
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     records = []
@@ -42,7 +45,7 @@ def evaluate(model: FusionModel, loader, max_new_tokens: int = 16, predictions_p
         for i, meta in enumerate(batch["meta"]):
             text = model.tokenizer.decode(generated[i], skip_special_tokens=True)
             metrics = score(text, meta["target"])
-            for bucket in ("overall", meta["task"]):
+            for bucket in ("overall", meta["task"], f"modality:{meta['modality']}"):
                 s = sums[bucket]
                 s["loss_sum"] += float(token_loss[row_of == i].sum())
                 s["tokens"] += int((row_of == i).sum())
@@ -54,11 +57,13 @@ def evaluate(model: FusionModel, loader, max_new_tokens: int = 16, predictions_p
         Path(predictions_path).write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = {b: {"loss": s["loss_sum"] / max(1, s["tokens"]), "exact_match": s["exact_match"] / s["n"],
                    "cer": s["cer"] / s["n"], "wer": s["wer"] / s["n"], "n": int(s["n"])} for b, s in sums.items()}
-    return {"overall": summary.pop("overall", {}), "tasks": dict(sorted(summary.items()))}
+    modalities = {k.split(":", 1)[1]: summary.pop(k) for k in sorted(summary) if k.startswith("modality:")}
+    return {"overall": summary.pop("overall", {}), "tasks": dict(sorted(summary.items())), "modalities": modalities}
 
 
 def print_table(result: dict) -> None:
-    rows = [("overall", result["overall"]), *result["tasks"].items()]
+    rows = [("overall", result["overall"]), *result["tasks"].items(),
+            *((f"[{k}]", v) for k, v in result.get("modalities", {}).items())]
     print(f"{'task':<12} {'n':>5} {'loss':>8} {'EM':>7} {'CER':>7} {'WER':>7}")
     for name, m in rows:
         print(f"{name:<12} {m['n']:>5} {m['loss']:>8.4f} {m['exact_match']:>7.3f} {m['cer']:>7.3f} {m['wer']:>7.3f}")

@@ -37,7 +37,7 @@ def test_train_then_eval_writes_the_run_directory(make_cfg, tmp_path):
 
     result = train_entry.run(make_cfg("trainer.max_steps=4"), tmp_path)
 
-    assert set(result) == {"overall", "tasks"}
+    assert set(result) == {"overall", "tasks", "modalities"} and set(result["modalities"]) == {"image", "audio"}
     assert set(result["tasks"]) == {"ocr_digits", "ocr_words", "dtmf"}
     assert set(result["overall"]) == {"loss", "exact_match", "cer", "wer", "n"} and result["overall"]["n"] == 6
 
