@@ -1,8 +1,6 @@
 """Train projectors (+ LoRA) on a frozen backbone: `python train.py [overrides]` (see configs/train.yaml)."""
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -12,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from gemma_fusion.config import CONFIG_DIR, check_cli_overrides, save_yaml, to_plain
-from gemma_fusion.errors import UserError
+from gemma_fusion.errors import exit_on_user_error
 
 
 def prepare(cfg: DictConfig) -> None:
@@ -56,29 +54,15 @@ def train(cfg: DictConfig, run_dir: Path):
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """train(), then greedy-generation evaluation on data.val -> RUN/eval.json (if eval_after_train)."""
-    from gemma_fusion.data.pipeline import make_loader, preprocessor_for
-    from gemma_fusion.eval.evaluate import evaluate, print_table
+    from gemma_fusion.eval.evaluate import evaluate_into
 
     model = train(cfg, run_dir)
-    if not cfg.eval_after_train:
-        return {}
-    data = cfg.data
-    preprocess = preprocessor_for(model, data.image_tokens, data.audio_max_seconds)
-    val_loader = make_loader(data.val, preprocess, data.eval_batch_size, data.num_workers)
-    result = evaluate(model, val_loader, predictions_path=run_dir / "eval_predictions.jsonl")
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    print_table(result)
-    return result
+    return evaluate_into(run_dir, model, cfg.data) if cfg.eval_after_train else {}
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except UserError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        sys.exit(f"error: {err}")
+    exit_on_user_error(run, cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

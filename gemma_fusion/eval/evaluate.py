@@ -67,3 +67,17 @@ def print_table(result: dict) -> None:
     print(f"{'task':<12} {'n':>5} {'loss':>8} {'EM':>7} {'CER':>7} {'WER':>7}")
     for name, m in rows:
         print(f"{name:<12} {m['n']:>5} {m['loss']:>8.4f} {m['exact_match']:>7.3f} {m['cer']:>7.3f} {m['wer']:>7.3f}")
+
+
+def evaluate_into(run_dir: str | Path, model: FusionModel, data, spec=None, batch_size: int | None = None,
+                  max_new_tokens: int = 16) -> dict:
+    """Evaluate on `spec` (default `data.val`) with the run's preprocessing; write RUN/eval.json, print a table."""
+    from gemma_fusion.data.pipeline import make_loader, preprocessor_for
+
+    run_dir = Path(run_dir)
+    preprocess = preprocessor_for(model, data.image_tokens, data.audio_max_seconds)
+    loader = make_loader(spec or data.val, preprocess, batch_size or data.eval_batch_size, data.num_workers)
+    result = evaluate(model, loader, max_new_tokens, predictions_path=run_dir / "eval_predictions.jsonl")
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    print_table(result)
+    return result
