@@ -6,7 +6,6 @@ import logging
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gemma_fusion.errors import UserError
 from gemma_fusion.models.backbone import load_backbone
 from gemma_fusion.models.fusion import FusionModel
 from gemma_fusion.training.trainable import add_lora, set_trainable
@@ -23,19 +22,14 @@ def build_projector(node: DictConfig | None, hidden: int, ckpt_args: dict, ckpt_
         return None
     args = OmegaConf.to_container(node, resolve=True)
     from_ckpt = args.pop("init_from_checkpoint", True)
-    out_dim = args.pop("out_dim", None)
-    if out_dim is not None and out_dim != hidden:
-        raise UserError(
-            f"model/{name} has out_dim={out_dim} but the backbone's hidden size is {hidden}; "
-            f"remove out_dim or set it to {hidden}."
-        )
+    out_dim = args.pop("out_dim", None) or hidden  # FusionModel rejects a width that is not the backbone's
     for key, value in list(args.items()):
         if value is None:
             if key in ckpt_args:
                 args[key] = ckpt_args[key]
             else:
                 del args[key]
-    projector = instantiate(args, out_dim=hidden)
+    projector = instantiate(args, out_dim=out_dim)
     if from_ckpt and ckpt_state is not None:
         shapes = {k: v.shape for k, v in projector.state_dict().items()}
         if shapes == {k: v.shape for k, v in ckpt_state.items()}:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemma_fusion.errors import UserError
 from gemma_fusion.models.backbone import Backbone, SpecialTokens, load_backbone
 from gemma_fusion.models.projectors import AudioFrameProjector, PatchEmbedder
 
@@ -69,7 +70,7 @@ class FusionModel(nn.Module):
         for name, proj in (("vision", vision), ("audio", audio)):
             out = getattr(proj, "out_dim", None)
             if out is not None and out != backbone.hidden_size:
-                raise ValueError(
+                raise UserError(
                     f"The {name} projector outputs width {out} but the backbone's hidden size is "
                     f"{backbone.hidden_size}; set its out_dim to {backbone.hidden_size}."
                 )

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import lightning as L
 import torch
 
 from gemma_fusion.models.fusion import FusionModel
 from gemma_fusion.training.optim import build_optimizer
+
+
+# The frozen backbone is in eval mode on purpose (dropout off); Lightning warns about it at every fit.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", module="lightning")
 
 
 class FusionLitModule(L.LightningModule):
@@ -40,10 +45,6 @@ class FusionLitModule(L.LightningModule):
         for group in self.optimizers().optimizer.param_groups:
             self.log(f"lr/{group['name']}", group["lr"], on_step=True, batch_size=batch_size)
         return out.loss
-
-    def validation_step(self, batch: dict, batch_idx: int):
-        out = self(batch)
-        self.log("val/loss", out.loss, on_epoch=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self.net, **self.optim_args)

@@ -76,5 +76,5 @@ def test_backbone_that_is_not_a_causal_lm_is_rejected(make_cfg, tmp_path):
 
 
 def test_projector_width_mismatch_names_both_widths(make_cfg):
-    with pytest.raises(UserError, match="out_dim=32 but the backbone's hidden size is 64"):
+    with pytest.raises(UserError, match="vision projector outputs width 32 but the backbone's hidden size is 64"):
         build_model(make_cfg("+model.vision.out_dim=32"))
