@@ -41,14 +41,16 @@ def evaluate(model: FusionModel, loader, max_new_tokens: int = 16, predictions_p
         selected = targets != IGNORE_INDEX
         token_loss = F.cross_entropy(out.logits, targets[selected], reduction="none")
         row_of = selected.nonzero()[:, 0]
+        row_loss = torch.zeros(len(batch["meta"])).index_add_(0, row_of, token_loss.float())
+        row_tokens = torch.bincount(row_of, minlength=len(batch["meta"]))
         generated = greedy_generate(model, prompt_only(batch, model.tokens.pad), max_new_tokens)
         for i, meta in enumerate(batch["meta"]):
             text = model.tokenizer.decode(generated[i], skip_special_tokens=True)
             metrics = score(text, meta["target"])
             for bucket in ("overall", meta["task"], f"modality:{meta['modality']}"):
                 s = sums[bucket]
-                s["loss_sum"] += float(token_loss[row_of == i].sum())
-                s["tokens"] += int((row_of == i).sum())
+                s["loss_sum"] += float(row_loss[i])
+                s["tokens"] += int(row_tokens[i])
                 s["n"] += 1
                 for k, v in metrics.items():
                     s[k] += v

@@ -12,7 +12,7 @@ def greedy_generate(model: FusionModel, batch: dict, max_new_tokens: int = 16) -
 
     Each row grows at its own end; under causal attention the padding after a row's end never affects it.
     """
-    ids = batch["input_ids"]
+    ids = batch["input_ids"].clone()  # generated tokens are written in place; the caller's batch stays as it was
     lengths = batch["attention_mask"].sum(1)
     types = batch["mm_token_type_ids"]
     media = {k: batch[k] for k in ("pixel_values", "image_position_ids", "input_features", "input_features_mask")
