@@ -6,11 +6,12 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from gemma_fusion.config import CONFIG_DIR, check_cli_overrides, save_yaml, to_plain
-from gemma_fusion.errors import exit_on_user_error
+from gemma_fusion.errors import UserError, exit_on_user_error
 
 
 def prepare(cfg: DictConfig) -> None:
@@ -29,8 +30,9 @@ def prepare(cfg: DictConfig) -> None:
 def train(cfg: DictConfig, run_dir: Path):
     """Prepare, build, train and save into `run_dir`; returns the trained FusionModel."""
     from gemma_fusion.data.pipeline import make_loader, preprocessor_for
+    from gemma_fusion.data.state import StreamState
     from gemma_fusion.models.build import build_model
-    from gemma_fusion.training.callbacks import build_callbacks, build_loggers, save_final
+    from gemma_fusion.training.callbacks import DataBookkeeping, build_callbacks, build_loggers, save_final
     from gemma_fusion.training.module import FusionLitModule
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -39,17 +41,37 @@ def train(cfg: DictConfig, run_dir: Path):
     prepare(cfg)
     model = build_model(cfg)
     data = cfg.data
-    preprocess = preprocessor_for(model, data.image_tokens, data.audio_max_seconds)
-    train_loader = make_loader(data.train, preprocess, data.batch_size, data.num_workers, data.shuffle_buffer,
-                               cfg.seed, resampled=True)
+    preprocess = preprocessor_for(model, data.image_tokens, data.audio_max_seconds, data.get("max_length"))
+    state = StreamState()
+    train_loader = make_loader(
+        to_plain(data.train), preprocess, data.batch_size, data.num_workers, data.shuffle_buffer, cfg.seed,
+        resampled=data.get("resampled", True), bucket_batches=data.get("bucket_batches", 1),
+        cache_gb=data.get("cache_gb", 0), pack_length=data.get("pack_length", 0),
+        max_batch_tokens=data.get("max_batch_tokens"), state=state, allow_pipe=data.get("allow_pipe", False),
+        world_size=int(cfg.trainer.get("devices", 1)) * int(cfg.trainer.get("num_nodes", 1)),
+    )
     module = FusionLitModule(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
                              warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.trainer.max_steps)
-    callbacks = build_callbacks(cfg, run_dir)
+    callbacks = [DataBookkeeping(state, data.get("max_bad_fraction", 0.05), data.get("bad_check_after", 200)),
+                 *build_callbacks(cfg, run_dir)]
     trainer = L.Trainer(**cfg.trainer, default_root_dir=run_dir, logger=build_loggers(cfg, run_dir),
-                        callbacks=callbacks, enable_checkpointing=bool(callbacks))
-    trainer.fit(module, train_dataloaders=train_loader)
+                        callbacks=callbacks, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks))
+    trainer.fit(module, train_dataloaders=train_loader, ckpt_path=resume_path(cfg, run_dir))
     save_final(model, run_dir)
     return model
+
+
+def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    """`resume=auto`: the newest checkpoint under RUN/checkpoints (none: start fresh); `resume=PATH`: that file."""
+    choice = cfg.get("resume")
+    if not choice:
+        return None
+    if choice == "auto":
+        found = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+        return str(found[-1]) if found else None
+    if not Path(choice).is_file():
+        raise UserError(f"resume={choice} is not a checkpoint file; pass resume=auto or a .ckpt path from RUN/checkpoints.")
+    return str(choice)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:

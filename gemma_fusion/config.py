@@ -12,8 +12,11 @@ if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
 
 
-def to_plain(cfg: DictConfig) -> dict:
-    """Resolved config as plain Python types (safe for YAML, JSON and `torch.load(weights_only=True)`)."""
+def to_plain(cfg):
+    """Resolved config as plain Python types (safe for YAML, JSON and `torch.load(weights_only=True)`);
+    a value that is not a config node (a string, a number) comes back unchanged."""
+    if not OmegaConf.is_config(cfg):
+        return cfg
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 

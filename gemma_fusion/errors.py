@@ -9,6 +9,20 @@ class UserError(ValueError):
     """Bad input or configuration: the message says what, where, and what to do."""
 
 
+class BadSample(UserError):
+    """One sample (or file) cannot be used; `reason` is a short stable tag that counters and reports group by.
+
+    Reasons used across the writer, the inspector and the loader (see docs/DATA.md):
+    image_undecodable, image_too_large, audio_undecodable, audio_empty, missing_file, outside_root,
+    bad_row, empty_target, too_long, missing_json, bad_json, no_media_member, no_vision, no_audio,
+    duplicate_id, unsupported_extension.
+    """
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def exit_on_user_error(fn, *args):
     """Call `fn(*args)`; a UserError ends the program with its one sentence (traceback with HYDRA_FULL_ERROR=1)."""
     try:

@@ -20,7 +20,7 @@ import torchaudio
 import torchaudio.functional as AF
 from einops import rearrange
 
-from gemma_fusion.errors import UserError
+from gemma_fusion.errors import BadSample, UserError
 
 AudioSource = bytes | bytearray | memoryview | str | os.PathLike | tuple[np.ndarray | torch.Tensor, int]
 
@@ -39,7 +39,7 @@ def load_audio(src: AudioSource, sampling_rate: int = 16000) -> torch.Tensor:
         float files and resampling overshoot may slightly exceed it). Empty input gives [0].
 
     Raises:
-        UserError (a ValueError): the bytes are not decodable audio. Errors reading a path
+        BadSample (a UserError, a ValueError), reason `audio_undecodable`: the bytes are not decodable audio. Errors reading a path
             (missing file, permissions) propagate unchanged.
     """
     if isinstance(src, tuple):
@@ -52,10 +52,9 @@ def load_audio(src: AudioSource, sampling_rate: int = 16000) -> torch.Tensor:
             samples, source_rate = sf.read(io.BytesIO(src), dtype="float32", always_2d=True)
         except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as err:
             reason = str(getattr(err, "error_string", err)).rstrip(".")  # without the BytesIO repr
-            raise UserError(
+            raise BadSample("audio_undecodable", (
                 f"Could not decode the audio data ({reason}); pass the bytes of a complete WAV, FLAC, "
-                "OGG or MP3 file, or a (samples, sampling_rate) tuple."
-            ) from err
+                "OGG or MP3 file, or a (samples, sampling_rate) tuple.")) from err
         wave = torch.from_numpy(samples).mean(dim=1)  # T, C -> T
     if source_rate != sampling_rate and wave.numel() > 0:
         wave = _resampler(int(source_rate), int(sampling_rate))(wave)

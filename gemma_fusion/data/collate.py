@@ -1,14 +1,19 @@
-"""Collate preprocessed samples into one right-padded FusionModel batch.
+"""Collate preprocessed samples (or packed rows of them) into one right-padded FusionModel batch.
 
 Signature :: list of samples --> input_ids / labels / attention_mask / mm_token_type_ids [B, S],
-pixel_values [N_img, P_max, D] with image_position_ids [N_img, P_max, 2] (padding -1),
-input_features [N_aud, T_max, F] with input_features_mask [N_aud, T_max].
+pixel_values [N_img, P_max, D] (uint8 from our preprocessing) with image_position_ids [N_img, P_max, 2]
+(padding -1), input_features [N_aud, T_max, F] with input_features_mask [N_aud, T_max]; for packed rows
+(`batching.merge_row`) also position_ids and segment_ids [B, S] (0 on padding). `meta` lists every
+sample of the batch, packed ones included, in row order.
 """
 from __future__ import annotations
 
 import torch
 
 from gemma_fusion.models.fusion import IGNORE_INDEX
+
+
+META_KEYS = ("key", "task", "prompt", "target", "url", "index")
 
 
 def modality(sample: dict) -> str:
@@ -40,6 +45,11 @@ def collate(samples: list[dict], pad_id: int) -> dict:
     if clips:
         batch["input_features"] = _pad_stack(clips, 0.0)
         batch["input_features_mask"] = _pad_stack([torch.ones(len(c), dtype=torch.bool) for c in clips], False)
-    batch["meta"] = [{**{k: s[k] for k in ("key", "task", "prompt", "target")}, "modality": modality(s)}
-                     for s in samples]
+    if any("segment_ids" in s for s in samples):
+        batch["position_ids"] = _pad_stack([torch.tensor(s.get("position_ids", range(len(s["input_ids"]))))
+                                            for s in samples], 0)
+        batch["segment_ids"] = _pad_stack([torch.tensor(s.get("segment_ids", [1] * len(s["input_ids"])))
+                                           for s in samples], 0)
+    batch["meta"] = [{**{k: part.get(k) for k in META_KEYS}, "modality": modality(part)}
+                     for s in samples for part in s.get("parts", [s])]
     return batch

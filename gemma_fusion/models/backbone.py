@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.masking_utils import create_masks_for_generate
+from transformers.masking_utils import create_masks_for_generate, packed_sequence_mask_function
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from gemma_fusion.errors import UserError
@@ -79,23 +79,28 @@ class Backbone(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         block_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[B, S, H] embeddings -> [B, S, H] final hidden states.
 
         `block_ids` [B, S] marks groups of positions that attend to each other bidirectionally
-        (-1 = ordinary causal text), exactly as transformers' `block_sequence_ids`.
+        (-1 = ordinary causal text), exactly as transformers' `block_sequence_ids`. `segment_ids`
+        [B, S] numbers the samples packed into a row: attention stays inside each (transformers'
+        `packed_sequence_mask_function`); pass `position_ids` that restart per sample with it.
         """
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
         mask = attention_mask
-        if block_ids is not None and (block_ids >= 0).any():
+        has_blocks = block_ids is not None and bool((block_ids >= 0).any())
+        if has_blocks or segment_ids is not None:
             mask = create_masks_for_generate(
                 config=self.text_config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 cache=None,
                 position_ids=position_ids,
-                block_sequence_ids=block_ids,
+                block_sequence_ids=block_ids if has_blocks else None,
+                and_mask_function=None if segment_ids is None else packed_sequence_mask_function(segment_ids),
             )
         out = self.decoder(
             inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
@@ -145,30 +150,32 @@ def _text_markers(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa") -> LoadedBackbone:
-    """Load a frozen backbone, its tokenizer and (for Gemma 4 unified) its embedder weights from `path`."""
+@dataclass
+class BackboneSpec:
+    """What a checkpoint directory says without loading its weights: tokenizer, special tokens, embedders."""
+
+    config: object
+    model_type: str
+    tokenizer: object
+    tokens: SpecialTokens
+    multimodal: MultimodalSpec
+    bidirectional_image: bool
+
+
+def read_backbone_spec(path: str | Path) -> BackboneSpec:
+    """Config, tokenizer, special tokens and embedder geometry of a checkpoint directory (no weights read)."""
     path = Path(path).expanduser()
-    if dtype not in DTYPES:
-        raise UserError(f"backbone.dtype={dtype} is not supported; choose one of {sorted(DTYPES)}.")
     config, model_type = _read_config(path)
-    kwargs = dict(dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False,
-                  attn_implementation=attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     spec = MultimodalSpec()
     if model_type == "gemma4_unified":
-        from transformers import Gemma4UnifiedForConditionalGeneration
-
-        full = Gemma4UnifiedForConditionalGeneration.from_pretrained(path, **kwargs)
-        decoder, lm_head = full.model.language_model, full.lm_head
-        text_config = decoder.config  # the live config: it carries the attention implementation
-        if full.model.embed_vision is not None:
+        text_config = config.get_text_config()
+        if config.vision_config is not None:
             vc = config.vision_config
             spec.vision = dict(patch_size=vc.patch_size, pooling_kernel_size=vc.pooling_kernel_size,
                                embed_dim=vc.mm_embed_dim, posemb_size=vc.mm_posemb_size, eps=vc.rms_norm_eps)
-            spec.vision_state = full.model.embed_vision.state_dict()
-        if full.model.embed_audio is not None:
+        if config.audio_config is not None:
             spec.audio = dict(frame_dim=config.audio_config.audio_embed_dim, eps=config.audio_config.rms_norm_eps)
-            spec.audio_state = full.model.embed_audio.state_dict()
         tokens = SpecialTokens(
             bos=text_config.bos_token_id, eos=_first(text_config.eos_token_id), pad=text_config.pad_token_id,
             image_start=[config.boi_token_id], image_end=[config.eoi_token_id], image_token=config.image_token_id,
@@ -176,8 +183,6 @@ def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation:
         )
         bidirectional = text_config.use_bidirectional_attention == "vision"
     else:
-        full = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        decoder, lm_head, text_config = full.get_decoder(), full.get_output_embeddings(), full.config
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _first(tokenizer.eos_token_id)
         tokens = SpecialTokens(
             bos=tokenizer.bos_token_id, eos=_first(tokenizer.eos_token_id), pad=pad,
@@ -186,10 +191,38 @@ def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation:
             audio_end=_text_markers(tokenizer, "</audio>"), audio_token=pad,
         )
         bidirectional = False
-    backbone = Backbone(decoder, lm_head, text_config, model_type)
+    return BackboneSpec(config, model_type, tokenizer, tokens, spec, bidirectional)
+
+
+def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa") -> LoadedBackbone:
+    """Load a frozen backbone, its tokenizer and (for Gemma 4 unified) its embedder weights from `path`."""
+    path = Path(path).expanduser()
+    if dtype not in DTYPES:
+        raise UserError(f"backbone.dtype={dtype} is not supported; choose one of {sorted(DTYPES)}.")
+    spec = read_backbone_spec(path)
+    kwargs = dict(dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False,
+                  attn_implementation=attn_implementation)
+    if spec.model_type == "gemma4_unified":
+        from transformers import Gemma4UnifiedForConditionalGeneration
+
+        full = Gemma4UnifiedForConditionalGeneration.from_pretrained(path, **kwargs)
+        decoder, lm_head = full.model.language_model, full.lm_head
+        text_config = decoder.config  # the live config: it carries the attention implementation
+        if full.model.embed_vision is None:
+            spec.multimodal.vision = {}
+        else:
+            spec.multimodal.vision_state = full.model.embed_vision.state_dict()
+        if full.model.embed_audio is None:
+            spec.multimodal.audio = {}
+        else:
+            spec.multimodal.audio_state = full.model.embed_audio.state_dict()
+    else:
+        full = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        decoder, lm_head, text_config = full.get_decoder(), full.get_output_embeddings(), full.config
+    backbone = Backbone(decoder, lm_head, text_config, spec.model_type)
     backbone.requires_grad_(False)
     backbone.eval()
-    return LoadedBackbone(backbone, tokenizer, tokens, spec, bidirectional)
+    return LoadedBackbone(backbone, spec.tokenizer, spec.tokens, spec.multimodal, spec.bidirectional_image)
 
 
 def _first(x):

@@ -19,6 +19,7 @@ from gemma_fusion.models.backbone import Backbone, SpecialTokens, load_backbone
 from gemma_fusion.models.projectors import AudioFrameProjector, PatchEmbedder
 
 IGNORE_INDEX = -100
+IGNORED_BATCH_KEYS = {"token_type_ids", "num_soft_tokens_per_image", "meta", "stats"}
 TEXT, IMAGE, AUDIO = 0, 1, 3  # transformers' mm_token_type_ids values
 
 
@@ -34,6 +35,11 @@ def block_ids_from(is_block: torch.Tensor) -> torch.Tensor:
     prev = F.pad(is_block[:, :-1], (1, 0), value=False)
     ids = (is_block & ~prev).long().cumsum(1) - 1
     return torch.where(is_block, ids, torch.full_like(ids, -1))
+
+
+def pixels_to_unit(pixel_values: torch.Tensor) -> torch.Tensor:
+    """uint8 pixel values -> float32 in [0, 1]: the very op of transformers' rescale (`x * (1/255)`)."""
+    return pixel_values.to(torch.float32) * (1 / 255)
 
 
 class FusionModel(nn.Module):
@@ -117,6 +123,8 @@ class FusionModel(nn.Module):
         if pixel_values is not None and pixel_values.numel():
             if self.vision is None:
                 raise ValueError("The batch has images but the model has no vision projector (model/vision=none).")
+            if not pixel_values.is_floating_point():  # uint8 from our loader: the processor's rescale, done here
+                pixel_values = pixels_to_unit(pixel_values)
             feats = self.vision(pixel_values, image_position_ids)  # N, P, H
             feats = feats[(image_position_ids != -1).all(-1)]  # valid patches only: sum(P_i), H
             embeds = _scatter(embeds, image_slots, feats, "image")
@@ -145,13 +153,25 @@ class FusionModel(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
-        **unused,
+        segment_ids: torch.Tensor | None = None,
+        **extra,
     ) -> FusionOutput:
-        """Causal-LM loss on the target tokens (labels != -100, shifted by one) and their logits."""
+        """Causal-LM loss on the target tokens (labels != -100, shifted by one) and their logits.
+
+        `segment_ids` [B, S] (with `position_ids` restarting per sample): rows packed with several
+        samples, attention confined to each. Keys transformers' processor adds that the model does not
+        use (`token_type_ids`, `num_soft_tokens_per_image`) and our loader's `meta` / `stats` are ignored;
+        any other keyword is a mistake and raises.
+        """
+        unknown = set(extra) - IGNORED_BATCH_KEYS
+        if unknown:
+            raise TypeError(f"FusionModel.forward got unexpected batch keys {sorted(unknown)}; it takes input_ids, "
+                            "attention_mask, pixel_values, image_position_ids, input_features, input_features_mask, "
+                            "labels, position_ids, mm_token_type_ids and segment_ids.")
         embeds, block_ids = self.embed_inputs(
             input_ids, pixel_values, image_position_ids, input_features, input_features_mask, mm_token_type_ids
         )
-        hidden = self.backbone(embeds, attention_mask, position_ids, block_ids)  # B, S, H
+        hidden = self.backbone(embeds, attention_mask, position_ids, block_ids, segment_ids)  # B, S, H
         if labels is None:
             return FusionOutput(loss=None, logits=self.backbone.logits(hidden))
         targets = labels[:, 1:]

@@ -4,12 +4,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from gemma_fusion.config import to_plain
+from gemma_fusion.data.state import StatsTotals, StreamState
+from gemma_fusion.errors import UserError
 from gemma_fusion.training.trainable import trainable_state_dict
 
 
@@ -40,3 +42,40 @@ def save_final(model, run_dir: Path) -> Path:
     save_file(trainable_state_dict(model), str(tmp))
     tmp.replace(path)
     return path
+
+
+class DataBookkeeping(Callback):
+    """Marks every trained sample in the `StreamState` (saved in checkpoints for exact resume), logs the
+    loader's skipped-sample counts, and stops the run when the bad fraction passes `max_bad_fraction`.
+
+    Lightning runs ModelCheckpoint after every other callback, so a checkpoint written at a step already
+    holds that step's samples.
+    """
+
+    def __init__(self, state: StreamState, max_bad_fraction: float = 0.05, check_after: int = 200):
+        self.state, self.totals = state, StatsTotals()
+        self.max_bad_fraction, self.check_after = max_bad_fraction, check_after
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.state.mark(batch["meta"])
+        self.totals.update(batch.get("stats"))
+        skipped = self.totals.skipped
+        bad = sum(skipped.values())
+        metrics = {"data/skipped": float(bad), "data/samples_ok": float(self.totals.ok)}
+        metrics.update({f"data/skipped_{reason}": float(n) for reason, n in skipped.items()})
+        pl_module.log_dict(metrics, on_step=True, batch_size=len(batch["meta"]))
+        if bad + self.totals.ok >= self.check_after and self.totals.bad_fraction() > self.max_bad_fraction:
+            reasons = ", ".join(f"{r}: {n}" for r, n in skipped.most_common())
+            raise UserError(
+                f"{bad} of {bad + self.totals.ok} samples so far were bad ({reasons}), more than "
+                f"data.max_bad_fraction={self.max_bad_fraction}; check the data with `python -m "
+                "gemma_fusion.data.inspect` or raise the limit.")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.state.next_epoch()
+
+    def state_dict(self) -> dict:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.state.load_state_dict(state_dict)

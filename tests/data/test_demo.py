@@ -125,7 +125,7 @@ def test_dtmf_timing(seed):
     assert len(segments) == len(digits)
     assert segments[0][0] <= 0.2 * sr + 1 and len(audio) - segments[-1][1] <= 0.2 * sr + 1
     for start, end in segments:
-        assert 0.08 * sr - 1 <= end - start <= 0.16 * sr + 1
+        assert 0.10 * sr - 1 <= end - start <= 0.16 * sr + 1
     for (_, end), (start, _) in zip(segments, segments[1:]):
         assert 0.08 * sr - 1 <= start - end <= 0.12 * sr + 1  # also separates repeated digits
 

@@ -18,6 +18,7 @@ from transformers.models.gemma4_unified.image_processing_gemma4_unified import (
 )
 
 from gemma_fusion.data.image import ImagePreprocessor, load_image, patchify, target_size
+from gemma_fusion.models.fusion import pixels_to_unit
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +41,10 @@ def _assert_parity(processor, image: Image.Image, ours: tuple[torch.Tensor, torc
     ref = processor(image, max_soft_tokens=budget, return_tensors="pt")
     n = int(ref["num_soft_tokens_per_image"][0])
     pixel_values, position_ids = ours
-    assert pixel_values.shape == (n, 6912) and pixel_values.dtype == torch.float32
+    assert pixel_values.shape == (n, 6912) and pixel_values.dtype == torch.uint8
     assert position_ids.shape == (n, 2) and position_ids.dtype == torch.long
     assert torch.equal(position_ids, ref["image_position_ids"][0, :n])
-    assert torch.equal(pixel_values, ref["pixel_values"][0, :n])  # max abs diff 0.0
+    assert torch.equal(pixels_to_unit(pixel_values), ref["pixel_values"][0, :n])  # max abs diff 0.0
     assert n <= budget
 
 
@@ -171,7 +172,7 @@ def test_patch_layout_without_resize():
     assert position_ids.tolist() == [[0, 0], [1, 0]]
     for token, (x, y) in enumerate(position_ids.tolist()):
         block = pixels[48 * y : 48 * (y + 1), 48 * x : 48 * (x + 1)].reshape(-1)
-        assert torch.equal(pixel_values[token], torch.from_numpy(block) * (1 / 255))
+        assert torch.equal(pixel_values[token], torch.from_numpy(block))
 
 
 def test_small_budget_positions():

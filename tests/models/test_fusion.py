@@ -111,3 +111,50 @@ def test_projector_width_mismatch_is_one_sentence(tiny_gemma4_dir):
     loaded = load_backbone(tiny_gemma4_dir)
     with pytest.raises(ValueError, match="outputs width 32 but the backbone's hidden size is 64"):
         FusionModel(loaded.backbone, loaded.tokens, audio=AudioFrameProjector(32))
+
+
+def test_uint8_pixels_equal_their_rescaled_floats(tiny_gemma4_dir):
+    """The loader keeps pixels uint8; the model's rescale must equal the processor's float input."""
+    model = FusionModel.from_pretrained(tiny_gemma4_dir)
+    batch = collate(_samples(model), model.tokens.pad)
+    batch.pop("meta")
+    pixels = torch.randint(0, 256, batch["pixel_values"].shape, dtype=torch.uint8)
+    with torch.no_grad():
+        as_uint8 = model(**{**batch, "pixel_values": pixels}).logits
+        as_float = model(**{**batch, "pixel_values": pixels.float() / 255}).logits
+        assert torch.equal(as_uint8, model(**{**batch, "pixel_values": pixels.float() * (1 / 255)}).logits)
+    torch.testing.assert_close(as_uint8, as_float, rtol=0, atol=1e-5)
+
+
+def test_packed_rows_give_each_sample_its_unpacked_logits(tiny_gemma4_dir):
+    """Packing (positions restart, attention confined per sample) must not change any sample's logits."""
+    from gemma_fusion.data.batching import merge_row
+
+    model = FusionModel.from_pretrained(tiny_gemma4_dir).eval()
+    samples = _samples(model)
+    packed = collate([merge_row(samples[:3]), merge_row(samples[3:])], model.tokens.pad)
+    packed.pop("meta")
+    assert packed["segment_ids"][0].max() == 3
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits
+        row, offset = 0, 0
+        for i, sample in enumerate(samples):
+            alone = collate([sample], model.tokens.pad)
+            alone.pop("meta")
+            expected = model(**{k: v for k, v in alone.items() if k != "labels"}).logits[0]
+            if i == 3:
+                row, offset = 1, 0
+            n = len(sample["input_ids"])
+            torch.testing.assert_close(logits[row, offset: offset + n], expected, rtol=1e-4, atol=1e-4)
+            offset += n
+        # and packing without confinement would differ: the mask is doing the work
+        leaky = model(**{k: v for k, v in packed.items() if k not in ("labels", "segment_ids", "position_ids")}).logits
+    n0 = len(samples[0]["input_ids"])
+    assert not torch.allclose(leaky[0, n0: 2 * n0], logits[0, n0: 2 * n0], atol=1e-3)
+
+
+def test_misspelt_batch_key_is_rejected(tiny_gemma4_dir):
+    model = FusionModel.from_pretrained(tiny_gemma4_dir)
+    batch = collate(_samples(model), model.tokens.pad)
+    with pytest.raises(TypeError, match="pixel_value"):
+        model(**batch, pixel_value=batch["pixel_values"])

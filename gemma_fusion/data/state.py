@@ -1,0 +1,123 @@
+"""The loader's bookkeeping: which samples were trained on (exact resume) and which were skipped (bad samples).
+
+`StreamState` lives in the main process. The training loop marks every sample of every batch it has
+stepped on; the state goes into the checkpoint (plain ints and strings, so `torch.load(weights_only=True)`
+reads it). Loader workers are started at the beginning of each epoch with a copy of it and drop the
+samples already marked, so after any number of kills and resumes every sample of an epoch is trained on
+exactly once — whatever the number of workers, the shuffle buffer or the batching.
+
+`DataStats` counts, per loader process, the samples that came through and the ones skipped by reason;
+each batch carries a snapshot so the main process can sum them over workers (`StatsTotals`).
+"""
+from __future__ import annotations
+
+import logging
+import tarfile
+from collections import Counter
+
+log = logging.getLogger(__name__)
+
+
+class StreamState:
+    """Epoch number + the (shard URL, index in shard) pairs already trained on in this epoch."""
+
+    def __init__(self):
+        self.epoch = 0
+        self.resumes = 0
+        self.seen: dict[str, set[int]] = {}
+
+    def mark(self, meta: list[dict]) -> None:
+        for m in meta:
+            if m.get("url") is not None:
+                self.seen.setdefault(m["url"], set()).add(m["index"])
+
+    def num_seen(self) -> int:
+        return sum(map(len, self.seen.values()))
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.seen = {}
+
+    def skip_seen(self, samples):
+        """webdataset stage: drop raw samples already trained on in this epoch (a snapshot taken at start)."""
+        seen = {url: frozenset(indices) for url, indices in self.seen.items()}
+        for sample in samples:
+            if sample["__index__"] not in seen.get(sample.get("__url__"), ()):
+                yield sample
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "resumes": self.resumes,
+                "seen": {url: _runs(sorted(indices)) for url, indices in self.seen.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.resumes = int(state.get("resumes", 0)) + 1
+        self.seen = {url: {i for start, stop in runs for i in range(start, stop)} for url, runs in state["seen"].items()}
+
+
+def _runs(indices: list[int]) -> list[list[int]]:
+    """Sorted ints -> [[start, stop), ...] runs (compact in the checkpoint)."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
+
+
+def reason_of(exn: Exception) -> str:
+    """The counter key of a failure: BadSample's reason, a broken tar, or the exception type."""
+    if hasattr(exn, "reason"):
+        return exn.reason
+    if isinstance(exn, (tarfile.TarError, EOFError)) or "tar" in type(exn).__module__:
+        return "bad_shard"
+    return type(exn).__name__
+
+
+class DataStats:
+    """Samples ok / skipped by reason in one loader process; `skip` is a webdataset handler."""
+
+    def __init__(self):
+        self.ok = 0
+        self.skipped: Counter = Counter()
+
+    def skip(self, exn: Exception) -> bool:
+        reason = reason_of(exn)
+        if not self.skipped[reason]:
+            log.warning("skipping a bad sample (%s): %s", reason, exn)
+        self.skipped[reason] += 1
+        return True
+
+    def snapshot(self, epoch: int = 0) -> dict:
+        """Cumulative counts of this process; workers restart each epoch, hence the epoch in the key."""
+        from gemma_fusion.data.sources import worker_info
+
+        rank, _, worker, _ = worker_info()
+        return {"source": f"{epoch}/{rank}/{worker}", "ok": self.ok, "skipped": dict(self.skipped)}
+
+
+class StatsTotals:
+    """Sums the latest `DataStats` snapshot of every loader process (they are cumulative)."""
+
+    def __init__(self):
+        self.latest: dict[str, dict] = {}
+
+    def update(self, snapshot: dict | None) -> None:
+        if snapshot:
+            self.latest[snapshot["source"]] = snapshot
+
+    @property
+    def ok(self) -> int:
+        return sum(s["ok"] for s in self.latest.values())
+
+    @property
+    def skipped(self) -> Counter:
+        total: Counter = Counter()
+        for s in self.latest.values():
+            total.update(s["skipped"])
+        return total
+
+    def bad_fraction(self) -> float:
+        bad = sum(self.skipped.values())
+        return bad / max(1, bad + self.ok)
