@@ -32,7 +32,8 @@ def train(cfg: DictConfig, run_dir: Path):
     from gemma_fusion.data.pipeline import make_loader, preprocessor_for
     from gemma_fusion.data.state import StreamState
     from gemma_fusion.models.build import build_model
-    from gemma_fusion.training.callbacks import DataBookkeeping, build_callbacks, build_loggers, save_final
+    from gemma_fusion.training.callbacks import (DataBookkeeping, build_callbacks, build_loggers, save_final,
+                                                 set_aside_metrics, stitch_metrics)
     from gemma_fusion.training.module import FusionLitModule
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -41,7 +42,8 @@ def train(cfg: DictConfig, run_dir: Path):
     prepare(cfg)
     model = build_model(cfg)
     data = cfg.data
-    preprocess = preprocessor_for(model, data.image_tokens, data.audio_max_seconds, data.get("max_length"))
+    preprocess = preprocessor_for(model, data.image_tokens, data.audio_max_seconds, data.get("max_length"),
+                                  data.get("jpeg_draft", False))
     state = StreamState()
     train_loader = make_loader(
         to_plain(data.train), preprocess, data.batch_size, data.num_workers, data.shuffle_buffer, cfg.seed,
@@ -54,9 +56,13 @@ def train(cfg: DictConfig, run_dir: Path):
                              warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.trainer.max_steps)
     callbacks = [DataBookkeeping(state, data.get("max_bad_fraction", 0.05), data.get("bad_check_after", 200)),
                  *build_callbacks(cfg, run_dir)]
+    ckpt_path = resume_path(cfg, run_dir)
+    if ckpt_path:
+        set_aside_metrics(run_dir)
     trainer = L.Trainer(**cfg.trainer, default_root_dir=run_dir, logger=build_loggers(cfg, run_dir),
                         callbacks=callbacks, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks))
-    trainer.fit(module, train_dataloaders=train_loader, ckpt_path=resume_path(cfg, run_dir))
+    trainer.fit(module, train_dataloaders=train_loader, ckpt_path=ckpt_path)
+    stitch_metrics(run_dir)
     save_final(model, run_dir)
     return model
 

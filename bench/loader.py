@@ -1,15 +1,16 @@
 """Image loader throughput: our shard -> batch pipeline vs transformers' processor vs a bare decode + resize loop.
 
-    python bench/loader.py [--images 200] [--repeats 3]
+    python bench/loader.py [--images 200] [--repeats 3] [--min-size 640x480] [--max-size 1024x768]
 
-Generates photo-like JPEGs (quality 90, 640x480 .. 1024x768) into webdataset shards in a temporary
-directory, then times, single process and single thread, samples/s over the same shards:
+Generates photo-like JPEGs (quality 90, sizes drawn between --min-size and --max-size) into webdataset
+shards in a temporary directory, then times, single process and single thread, samples/s over the same shards:
 
 - pipeline: `make_loader(..., batch_size=8, num_workers=0)` with `SamplePreprocessor(ImagePreprocessor(280))`:
   tar reading, decode, resize + patchify, tokenize, collate — the training path.
 - hf_processor: tar reading + PIL decode + transformers' `Gemma4UnifiedImageProcessor`, one image per call.
 - bare: tar reading + PIL decode + `Image.resize(target_size, BICUBIC)` in uint8: work no pipeline can skip.
-- pipeline_draft: the pipeline with `ImagePreprocessor(280, jpeg_draft=True)` (opt-in, not pixel-identical).
+- pipeline_draft: the pipeline with `ImagePreprocessor(280, jpeg_draft=True)` (opt-in, not pixel-identical;
+  it only shrinks photos over 4x the target's ~645k pixels, so at the default sizes it equals the pipeline).
 
 A warm-up pass on separate shards is excluded; each measurement is the best of `--repeats` passes, run
 round-robin so drifting load on shared cores hits all of them alike. Prints one JSON line.
@@ -32,6 +33,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw, ImageFilter
 from transformers import Gemma4UnifiedForConditionalGeneration
 from transformers.models.gemma4_unified.image_processing_gemma4_unified import Gemma4UnifiedImageProcessor
+from transformers.utils import logging as hf_logging
 
 from gemma_fusion.data.image import ImagePreprocessor, target_size
 from gemma_fusion.data.pipeline import SamplePreprocessor, make_loader
@@ -42,7 +44,6 @@ from gemma_fusion.models.tokenizer import build_byte_tokenizer
 
 MAX_SOFT_TOKENS = 280
 BATCH_SIZE = 8
-MIN_SIZE, MAX_SIZE = (640, 480), (1024, 768)  # (width, height)
 
 
 def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -68,16 +69,18 @@ def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def write_shards(out: Path, count: int, per_shard: int, seed: int) -> dict:
-    """`count` samples (`<key>.jpg` + `<key>.json`) in shards of `per_shard`; returns sizes for the report."""
+def write_shards(out: Path, count: int, per_shard: int, seed: int, min_size: tuple, max_size: tuple) -> dict:
+    """`count` samples (`<key>.jpg` + `<key>.json`) in shards of `per_shard`; returns sizes for the report.
+
+    Width and height are drawn independently between `min_size` and `max_size` (width, height)."""
     out.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     jpeg_bytes, pixels = [], []
     for start in range(0, count, per_shard):
         with wds.TarWriter(str(out / f"shard-{start // per_shard:06d}.tar")) as sink:
             for i in range(start, min(start + per_shard, count)):
-                width = int(rng.integers(MIN_SIZE[0], MAX_SIZE[0] + 1))
-                height = int(rng.integers(MIN_SIZE[1], MAX_SIZE[1] + 1))
+                width = int(rng.integers(min_size[0], max_size[0] + 1))
+                height = int(rng.integers(min_size[1], max_size[1] + 1))
                 buffer = io.BytesIO()
                 photo_like(rng, width, height).save(buffer, "JPEG", quality=90)
                 sink.write({"__key__": f"{i:06d}", "jpg": buffer.getvalue(),
@@ -131,19 +134,38 @@ def run_bare(shards: Path) -> int:
     return count
 
 
+def cpu_model() -> str:
+    """`platform.processor()` is often empty on Linux; the model name from /proc/cpuinfo then."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def size(text: str) -> tuple[int, int]:
+    width, height = text.lower().split("x")
+    return int(width), int(height)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--per-shard", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-size", type=size, default=(640, 480), help="WIDTHxHEIGHT")
+    parser.add_argument("--max-size", type=size, default=(1024, 768), help="WIDTHxHEIGHT")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
 
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         tmp = Path(tmp)
-        sizes = write_shards(tmp / "shards", args.images, args.per_shard, args.seed)
-        write_shards(tmp / "warmup", 16, 16, args.seed + 1)
+        sizes = write_shards(tmp / "shards", args.images, args.per_shard, args.seed, args.min_size, args.max_size)
+        write_shards(tmp / "warmup", 8, 8, args.seed + 1, args.min_size, args.max_size)
         spec = byte_tokenizer_spec(tmp / "backbone")
         exact = SamplePreprocessor(spec.tokenizer, spec.tokens, ImagePreprocessor(MAX_SOFT_TOKENS), None)
         draft = SamplePreprocessor(spec.tokenizer, spec.tokens, ImagePreprocessor(MAX_SOFT_TOKENS, jpeg_draft=True),
@@ -172,10 +194,11 @@ def main() -> None:
         "pipeline_vs_hf": round(best["pipeline"] / best["hf_processor"], 2),
         "pipeline_vs_bare": round(best["pipeline"] / best["bare"], 2),
         "pipeline_draft_vs_bare": round(best["pipeline_draft"] / best["bare"], 2),
-        "images": args.images, "min_size": "x".join(map(str, MIN_SIZE)), "max_size": "x".join(map(str, MAX_SIZE)),
+        "images": args.images, "min_size": "x".join(map(str, args.min_size)),
+        "max_size": "x".join(map(str, args.max_size)),
         **sizes, "jpeg_quality": 90, "max_soft_tokens": MAX_SOFT_TOKENS, "batch_size": BATCH_SIZE,
         "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "machine": platform.processor(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
     }))
 

@@ -4,9 +4,10 @@ All are webdataset stages (`samples -> batches`) that run inside the loader work
 
 - `bucket_batches=k`: gather k batches' worth of samples of a modality, sort them by length, cut them
   into batches of similar length (emitted in a seeded random order).
-- `pack_length=L`: put several samples into one row of at most L tokens (first-fit decreasing over the
-  same pool); each sample keeps its own positions (restarting at 0) and a `segment_ids` number, and the
-  model confines attention to each sample. Samples longer than L get a row of their own.
+- `pack_length=L`: put several samples into one row of at most L tokens (first-fit decreasing over a
+  pool of about `bucket_batches` batches of rows); each sample keeps its own positions (restarting at 0)
+  and a `segment_ids` number, and the model confines attention to each sample. Samples longer than L get
+  a row of their own; rows that do not fill a batch go back to the pool and are re-packed.
 - `max_batch_tokens=T`: batch by a token budget (rows x padded length <= T) instead of a fixed count.
 """
 from __future__ import annotations
@@ -81,6 +82,7 @@ def batch_stage(
     `on_batch(batch)` is called on every batch before it leaves (the loader attaches its counters there).
     """
     pool_size = batch_size * max(1, bucket_batches)
+    pool_tokens = pool_size * pack_length  # packing: gather enough tokens for `bucket_batches` batches of rows
     sort = bucket_batches > 1 or pack_length > 0
 
     def emit(rows: list) -> Iterator[dict]:
@@ -90,28 +92,38 @@ def batch_stage(
         yield batch
 
     def flush(pool: list, carry: list, rng: random.Random, final: bool) -> Iterator[dict]:
-        if sort:
-            pool.sort(key=lambda s: len(s["input_ids"]))
-        rows = carry + (pack_rows(pool, pack_length) if pack_length else pool)
+        """Batch the pool; what does not fill a batch waits in `carry` for the next flush (packing: as
+        samples, so a half-empty row is re-packed rather than sent)."""
+        if pack_length:
+            rows = pack_rows(carry + pool, pack_length)
+            rows.sort(key=lambda r: -sum(len(s["input_ids"]) for s in r))  # fullest rows first
+        else:
+            rows = carry + (sorted(pool, key=lambda s: len(s["input_ids"])) if sort else pool)
         batches, leftover = _rows_to_batches(rows, batch_size, max_batch_tokens)
         if final and leftover:
             batches, leftover = batches + [leftover], []
         if sort:
             rng.shuffle(batches)
         pool.clear()
-        carry[:] = leftover
+        carry[:] = [s for row in leftover for s in row] if pack_length else leftover
         for rows in batches:
             yield from emit(rows)
+
+    def full(pool: list, tokens: int) -> bool:
+        return tokens >= pool_tokens if pack_length else len(pool) == pool_size
 
     def stage(samples: Iterator[dict]) -> Iterator[dict]:
         rng = random.Random(seed)
         pools: dict[str, list] = {}
+        tokens: dict[str, int] = {}
         carries: dict[str, list] = {}
         for sample in samples:
             kind = modality(sample)
             pool = pools.setdefault(kind, [])
             pool.append(sample)
-            if len(pool) == pool_size:
+            tokens[kind] = tokens.get(kind, 0) + len(sample["input_ids"])
+            if full(pool, tokens[kind]):
+                tokens[kind] = 0
                 yield from flush(pool, carries.setdefault(kind, []), rng, final=False)
         for kind, pool in pools.items():
             yield from flush(pool, carries.setdefault(kind, []), rng, final=True)

@@ -43,7 +43,8 @@ def preprocessor_from_config(cfg):
     image = audio_pre = None
     if vision is not None and "_target_" in vision:
         image = ImagePreprocessor(cfg.data.image_tokens, setting(vision, "patch_size", spec.multimodal.vision, 16),
-                                  setting(vision, "pooling_kernel_size", spec.multimodal.vision, 3))
+                                  setting(vision, "pooling_kernel_size", spec.multimodal.vision, 3),
+                                  cfg.data.get("jpeg_draft", False))
     if audio is not None and "_target_" in audio:
         audio_pre = AudioPreprocessor(samples_per_token=setting(audio, "frame_dim", spec.multimodal.audio, 640),
                                       max_seconds=cfg.data.audio_max_seconds)

@@ -231,11 +231,11 @@ def make_loader(
 
 
 def preprocessor_for(model, image_tokens: int, audio_max_seconds: float | None = None,
-                     max_length: int | None = None) -> SamplePreprocessor:
+                     max_length: int | None = None, jpeg_draft: bool = False) -> SamplePreprocessor:
     """The preprocessing that matches `model`'s projectors (patch size, pooling, frame length)."""
     image = audio = None
     if model.vision is not None:
-        image = ImagePreprocessor(image_tokens, model.vision.patch_size, model.vision.pooling_kernel_size)
+        image = ImagePreprocessor(image_tokens, model.vision.patch_size, model.vision.pooling_kernel_size, jpeg_draft)
     if model.audio is not None:
         audio = AudioPreprocessor(samples_per_token=model.audio.frame_dim, max_seconds=audio_max_seconds)
     return SamplePreprocessor(model.tokenizer, model.tokens, image, audio, max_length)

@@ -1,6 +1,7 @@
 """Loggers, checkpointing and the final trainable-only export of a run directory."""
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -24,6 +25,40 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
         loggers.append(WandbLogger(project=cfg.logger.get("project", "gemma_fusion"), save_dir=str(run_dir),
                                    config=to_plain(cfg)))
     return loggers
+
+
+def set_aside_metrics(run_dir: Path) -> None:
+    """Before a resumed run: keep RUN/metrics.csv as a numbered segment (Lightning's CSV logger would delete it)."""
+    current = run_dir / "metrics.csv"
+    if current.is_file():
+        current.rename(run_dir / f"metrics.segment-{len(list(run_dir.glob('metrics.segment-*.csv'))):03d}.csv")
+
+
+def stitch_metrics(run_dir: Path) -> None:
+    """After training: merge the segments of a resumed run into RUN/metrics.csv, one row per logged step.
+
+    A segment's rows from the resumed step on were redone by the next segment, so they are dropped.
+    """
+    segments = sorted(run_dir.glob("metrics.segment-*.csv")) + [run_dir / "metrics.csv"]
+    if len(segments) == 1 or not segments[-1].is_file():
+        return
+    tables = []
+    for path in segments:
+        with path.open(newline="") as f:
+            tables.append(list(csv.DictReader(f)))
+    rows = []
+    for table, following in zip(tables, tables[1:] + [None]):
+        start = min((int(r["step"]) for r in following if r.get("step")), default=None) if following else None
+        rows += [r for r in table if start is None or not r.get("step") or int(r["step"]) < start]
+    keys = sorted({k for r in rows for k in r})
+    tmp = run_dir / "metrics.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(run_dir / "metrics.csv")
+    for path in segments[:-1]:
+        path.unlink()
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:

@@ -17,7 +17,7 @@ from transformers.models.gemma4_unified.image_processing_gemma4_unified import (
     get_aspect_ratio_preserving_size,
 )
 
-from gemma_fusion.data.image import ImagePreprocessor, load_image, patchify, target_size
+from gemma_fusion.data.image import ImagePreprocessor, load_image, load_image_draft, patchify, target_size
 from gemma_fusion.models.fusion import pixels_to_unit
 
 
@@ -192,3 +192,47 @@ def test_preprocessor_from_bytes_and_path(tmp_path):
     expected = patchify(image, 70)
     for got in (from_path, from_bytes, preprocess(str(path))):
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def _jpeg(height: int, width: int, orientation: int = 1) -> bytes:
+    """A smooth photo-like JPEG (gradients + ripples): resampling at any scale agrees closely on it."""
+    ys, xs = np.mgrid[0:height, 0:width] / max(height, width)
+    ripple = 40 * np.sin(25 * xs) * np.cos(17 * ys)
+    pixels = np.stack([200 * xs + ripple, 200 * ys - ripple, 100 + 60 * np.sin(9 * (xs + ys))], -1) + 30
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90, exif=exif)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("height,width,orientation", [
+    (1512, 2016, 1), (1512, 2016, 6), (3024, 4032, 1), (3000, 1000, 8), (4000, 200, 1), (1344, 1920, 1)
+])
+def test_jpeg_draft_keeps_grid_and_never_undershoots(height, width, orientation):
+    """Draft decoding shrinks big JPEGs by 1/2..1/8 but never below the target, and keeps the token grid."""
+    data = _jpeg(height, width, orientation)
+    exact = ImagePreprocessor(280)(data)
+    drafted = ImagePreprocessor(280, jpeg_draft=True)
+    pixel_values, position_ids = drafted(data)
+    assert pixel_values.shape == exact[0].shape and pixel_values.dtype == torch.uint8
+    assert torch.equal(position_ids, exact[1])
+    assert torch.equal(drafted(data)[0], pixel_values)  # deterministic
+
+    image, (new_h, new_w) = load_image_draft(data, drafted.target_size)
+    upright = (width, height) if orientation not in (5, 6, 7, 8) else (height, width)
+    assert (new_h, new_w) == drafted.target_size(upright[1], upright[0])
+    assert image.width >= new_w and image.height >= new_h
+    if min(upright[0] // new_w, upright[1] // new_h) >= 2:
+        assert image.width < upright[0]  # the draft did shrink
+    assert (pixel_values.float() - exact[0].float()).abs().mean() < 1  # not exact, but close on smooth content
+
+
+def test_jpeg_draft_is_exact_when_no_shrink_applies(tmp_path):
+    """A JPEG under 2x the target, a PNG and a PIL image decode exactly as without the draft."""
+    small_jpeg = _jpeg(480, 640)
+    path = tmp_path / "image.png"
+    Image.fromarray(_noise_and_gradient(900, 1200)).save(path)
+    for src in (small_jpeg, path, Image.open(path)):
+        exact, drafted = ImagePreprocessor(280)(src), ImagePreprocessor(280, jpeg_draft=True)(src)
+        assert torch.equal(exact[0], drafted[0]) and torch.equal(exact[1], drafted[1])

@@ -109,3 +109,20 @@ def test_a_spec_that_matches_nothing_names_what_exists(tiny_gemma4_dir, tmp_path
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(SystemExit, match="matches no .tar files.*notes.txt"):
         inspector.main([str(tmp_path / "shard-*.tar"), *_overrides(tiny_gemma4_dir)])
+
+
+def test_the_loader_is_deterministic_for_a_seed_with_workers(awkward_shards, tiny_gemma4_dir):
+    from hydra import compose, initialize_config_dir
+
+    from gemma_fusion.config import CONFIG_DIR
+    from gemma_fusion.data.inspect import preprocessor_from_config
+    from gemma_fusion.data.pipeline import make_loader
+
+    shards, summary = awkward_shards
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        preprocess = preprocessor_from_config(compose("train", overrides=_overrides(tiny_gemma4_dir)))
+    order = lambda seed: [m["key"] for b in make_loader(shards, preprocess, 4, num_workers=2, shuffle=8, seed=seed)
+                          for m in b["meta"]]
+    first = order(0)
+    assert sorted(first) == sorted(set(first)) and len(first) == summary["written"]
+    assert first == order(0) and first != order(1)

@@ -1,6 +1,7 @@
 """Exact resume: after kills and resumes, every sample of an epoch is trained on exactly once."""
 from __future__ import annotations
 
+import csv
 import json
 from collections import Counter
 from pathlib import Path
@@ -58,6 +59,9 @@ def test_two_kills_and_resumes_see_every_sample_of_the_epoch_once(make_cfg, tiny
     assert set(epoch0.values()) == {1}, f"samples trained more than once: {[k for k, n in epoch0.items() if n > 1]}"
     epoch1 = Counter(k for r in third if r["epoch"] == 1 for k in r["keys"])
     assert set(epoch1.values()) == {1}  # the next epoch starts over: fresh order, each sample once
+    with (run_dir / "metrics.csv").open(newline="") as f:  # the three segments stitched, redone steps once
+        logged = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert logged == list(range(logged[0], logged[0] + 40))
     checkpoint = sorted((run_dir / "checkpoints").glob("*.ckpt"))[-1]
     state = torch.load(checkpoint, weights_only=True)  # plain types only
     assert any("DataBookkeeping" in key for key in state["callbacks"])
