@@ -68,11 +68,11 @@ def train(cfg: DictConfig, run_dir: Path):
 
 
 def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
-    """`resume=auto`: the newest checkpoint under RUN/checkpoints (none: start fresh); `resume=PATH`: that file."""
+    """`resume=auto` (or `true`): the newest checkpoint under RUN/checkpoints, if any; `resume=PATH`: that file."""
     choice = cfg.get("resume")
     if not choice:
         return None
-    if choice == "auto":
+    if choice is True or choice == "auto":
         found = sorted((run_dir / "checkpoints").glob("*.ckpt"))
         return str(found[-1]) if found else None
     if not Path(choice).is_file():
