@@ -34,6 +34,9 @@ def train(cfg: DictConfig, run_dir: Path):
     from gemma_fusion.models.build import build_model
     from gemma_fusion.training.callbacks import (DataBookkeeping, build_callbacks, build_loggers, save_final,
                                                  set_aside_metrics, stitch_metrics)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from gemma_fusion.training.checkpointing import AtomicCheckpointIO, SignalCheckpoint
     from gemma_fusion.training.module import FusionLitModule
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -50,21 +53,40 @@ def train(cfg: DictConfig, run_dir: Path):
         resampled=data.get("resampled", True), bucket_batches=data.get("bucket_batches", 1),
         cache_gb=data.get("cache_gb", 0), pack_length=data.get("pack_length", 0),
         max_batch_tokens=data.get("max_batch_tokens"), state=state, allow_pipe=data.get("allow_pipe", False),
-        world_size=int(cfg.trainer.get("devices", 1)) * int(cfg.trainer.get("num_nodes", 1)),
+        world_size=planned_world_size(cfg.trainer),
     )
     module = FusionLitModule(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
-                             warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.trainer.max_steps)
+                             warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.trainer.max_steps,
+                             max_nonfinite_skips=cfg.optim.get("max_nonfinite_skips", 0))
     callbacks = [DataBookkeeping(state, data.get("max_bad_fraction", 0.05), data.get("bad_check_after", 200)),
-                 *build_callbacks(cfg, run_dir)]
+                 SignalCheckpoint(run_dir / "checkpoints"), *build_callbacks(cfg, run_dir)]
     ckpt_path = resume_path(cfg, run_dir)
     if ckpt_path:
         set_aside_metrics(run_dir)
     trainer = L.Trainer(**cfg.trainer, default_root_dir=run_dir, logger=build_loggers(cfg, run_dir),
-                        callbacks=callbacks, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks))
-    trainer.fit(module, train_dataloaders=train_loader, ckpt_path=ckpt_path)
+                        callbacks=callbacks, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+                        plugins=[AtomicCheckpointIO()])
+    try:
+        trainer.fit(module, train_dataloaders=train_loader, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning's own SIGTERM handler; it stops at a step boundary
+        if not getattr(trainer, "stopped_by_signal", False):
+            trainer.save_checkpoint(run_dir / "checkpoints" / f"step-{trainer.global_step:07d}.ckpt", weights_only=False)
+            trainer.stopped_by_signal = True
     stitch_metrics(run_dir)
+    if getattr(trainer, "stopped_by_signal", False):
+        print(f"stopped by a signal at step {trainer.global_step}: checkpoint written to {run_dir / 'checkpoints'}; "
+              "continue with resume=auto")
+        raise SystemExit(0)
     save_final(model, run_dir)
     return model
+
+
+def planned_world_size(trainer_cfg) -> int:
+    """devices x num_nodes when both are numbers (for the too-few-shards warning); 1 when unknown ('auto')."""
+    try:
+        return max(1, int(trainer_cfg.get("devices", 1))) * max(1, int(trainer_cfg.get("num_nodes", 1)))
+    except (TypeError, ValueError):
+        return 1
 
 
 def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:

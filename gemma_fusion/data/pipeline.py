@@ -167,18 +167,26 @@ class SampleStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         state = self.state or StreamState()
         epoch = state.epoch
-        seed = self.seed if not (self.resampled and state.resumes) else self.seed + 1_000_003 * state.resumes
-        rank, _, worker, _ = worker_info()
+        seed = self.seed
+        rank, world, worker, workers = worker_info()
+        reader = f"{rank}/{worker}"
+        skip = state.batches_to_skip(reader, world, workers, epoch)
+        if self.resampled and skip is None:
+            seed, skip = seed + 1_000_003 * (state.resumes + 1), 0  # a new layout: a fresh stream
         rng = random.Random(f"{seed}/{epoch}/{rank}/{worker}")
         streams = [ShardStream(urls, seed, self.resampled, self.stats.skip)(epoch) for urls, _ in self.components]
-        if not self.resampled:
+        if skip is None:
             streams = [state.skip_seen(s) for s in streams]
         raw = streams[0] if len(streams) == 1 else mix(streams, [w for _, w in self.components], rng)
         if self.shuffle:
             raw = shuffled(raw, self.shuffle, rng)
-        stage = batch_stage(pad_id=self.preprocess_pad_id(), seed=seed + epoch, **self.batching,
-                            on_batch=lambda batch: batch.__setitem__("stats", self.stats.snapshot(epoch)))
-        yield from stage(self._preprocessed(raw))
+        stage = batch_stage(pad_id=self.preprocess_pad_id(), seed=seed + epoch, **self.batching)
+        for index, batch in enumerate(stage(self._preprocessed(raw))):
+            if index < (skip or 0):
+                continue  # replaying the stream up to where the checkpoint left it
+            batch["stats"] = self.stats.snapshot(epoch)
+            batch["position"] = {"reader": reader, "batch": index, "world": world, "workers": workers}
+            yield batch
 
     def _preprocessed(self, raw: Iterator[dict]) -> Iterator[dict]:
         for sample in raw:
@@ -217,8 +225,8 @@ def make_loader(
     a seeded generator and the sample shuffle buffer is seeded too, so a rerun sees the same batches.
     `bucket_batches`, `pack_length`, `max_batch_tokens`: see `batching`. `cache_gb > 0` keeps preprocessed
     samples in RAM (`MemoryCache`). `state`: a `StreamState` for exact resume (epoch-based streams skip the
-    samples it has marked). Each batch carries `meta` (one entry per sample) and `stats` (the loader
-    process's cumulative ok / skipped counts).
+    samples it has marked). Each batch carries `meta` (one entry per sample), `stats` (the loader
+    process's cumulative ok / skipped counts) and `position` (which reader made it, its index there).
     """
     if cache_gb > 0:
         preprocess = MemoryCache(preprocess, cache_gb)

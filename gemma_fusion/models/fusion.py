@@ -19,7 +19,7 @@ from gemma_fusion.models.backbone import Backbone, SpecialTokens, load_backbone
 from gemma_fusion.models.projectors import AudioFrameProjector, PatchEmbedder
 
 IGNORE_INDEX = -100
-IGNORED_BATCH_KEYS = {"token_type_ids", "num_soft_tokens_per_image", "meta", "stats"}
+IGNORED_BATCH_KEYS = {"token_type_ids", "num_soft_tokens_per_image", "meta", "stats", "position"}
 TEXT, IMAGE, AUDIO = 0, 1, 3  # transformers' mm_token_type_ids values
 
 
@@ -160,7 +160,7 @@ class FusionModel(nn.Module):
 
         `segment_ids` [B, S] (with `position_ids` restarting per sample): rows packed with several
         samples, attention confined to each. Keys transformers' processor adds that the model does not
-        use (`token_type_ids`, `num_soft_tokens_per_image`) and our loader's `meta` / `stats` are ignored;
+        use (`token_type_ids`, `num_soft_tokens_per_image`) and our loader's `meta` / `stats` / `position` are ignored;
         any other keyword is a mistake and raises.
         """
         unknown = set(extra) - IGNORED_BATCH_KEYS

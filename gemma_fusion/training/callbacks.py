@@ -5,6 +5,8 @@ import csv
 import os
 from pathlib import Path
 
+import torch
+
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig
@@ -19,7 +21,8 @@ from gemma_fusion.training.trainable import trainable_state_dict
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers = []
     if cfg.logger.get("csv", True):
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))  # -> RUN/metrics.csv
+        # -> RUN/metrics.csv, flushed every step so a killed run loses no logged row
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=1))
     if cfg.logger.get("wandb", False):
         os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
         loggers.append(WandbLogger(project=cfg.logger.get("project", "gemma_fusion"), save_dir=str(run_dir),
@@ -80,11 +83,12 @@ def save_final(model, run_dir: Path) -> Path:
 
 
 class DataBookkeeping(Callback):
-    """Marks every trained sample in the `StreamState` (saved in checkpoints for exact resume), logs the
+    """Marks every trained batch in the `StreamState` (saved in checkpoints for exact resume), logs the
     loader's skipped-sample counts, and stops the run when the bad fraction passes `max_bad_fraction`.
 
     Lightning runs ModelCheckpoint after every other callback, so a checkpoint written at a step already
-    holds that step's samples.
+    holds that step's batch. Under DDP every rank's state is gathered into the checkpoint (rank 0 writes
+    it) and each rank takes its own back on resume.
     """
 
     def __init__(self, state: StreamState, max_bad_fraction: float = 0.05, check_after: int = 200):
@@ -92,7 +96,7 @@ class DataBookkeeping(Callback):
         self.max_bad_fraction, self.check_after = max_bad_fraction, check_after
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.state.mark(batch["meta"])
+        self.state.mark(batch["meta"], batch.get("position"))
         self.totals.update(batch.get("stats"))
         skipped = self.totals.skipped
         bad = sum(skipped.values())
@@ -110,7 +114,22 @@ class DataBookkeeping(Callback):
         self.state.next_epoch()
 
     def state_dict(self) -> dict:
-        return self.state.state_dict()
+        ranks = [self.state.state_dict()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, self.state.state_dict())
+        return {"ranks": ranks}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.state.load_state_dict(state_dict)
+        ranks = state_dict["ranks"]
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if len(ranks) == world:
+            self.state.load_state_dict(ranks[rank])
+            return
+        seen: dict[str, list] = {}  # another world size: shards are dealt out anew, so filter by samples seen
+        for r in ranks:
+            for url, runs in r["seen"].items():
+                seen.setdefault(url, []).extend(runs)
+        self.state.load_state_dict({**ranks[0], "seen": seen, "consumed": {}, "layout": None})
+        self.state.replay = {"*": 0}  # resumed, but no reader matches the saved layout

@@ -7,7 +7,9 @@ import warnings
 import lightning as L
 import torch
 
+from gemma_fusion.errors import UserError
 from gemma_fusion.models.fusion import FusionModel
+from gemma_fusion.training.checkpointing import rng_state, set_rng_state
 from gemma_fusion.training.optim import build_optimizer
 
 
@@ -19,13 +21,23 @@ class FusionLitModule(L.LightningModule):
     """Wraps `net` (a FusionModel); everything model-specific stays in the model."""
 
     def __init__(self, net: FusionModel, lr: dict, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                 warmup_steps: int = 0, total_steps: int = 1000):
+                 warmup_steps: int = 0, total_steps: int = 1000, max_nonfinite_skips: int = 0):
         super().__init__()
         self.net = net
         self.optim_args = dict(lr=dict(lr), weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
                                total_steps=total_steps)
         self.strict_loading = False  # checkpoints hold only the trainable parameters
+        self.max_nonfinite_skips, self.nonfinite_skips = max_nonfinite_skips, 0
         self._t_last = None
+
+    def _nonfinite(self, what: str) -> None:
+        """A non-finite loss or gradient: skip the step (counted) while the budget lasts, else stop."""
+        self.nonfinite_skips += 1
+        if self.nonfinite_skips > self.max_nonfinite_skips:
+            raise UserError(f"Non-finite {what} at step {self.global_step} (skips allowed: "
+                            f"optim.max_nonfinite_skips={self.max_nonfinite_skips}); lower the learning rate, check "
+                            "the data with `python -m gemma_fusion.data.inspect`, or allow skips.")
+        self.log("train/nonfinite_skips", float(self.nonfinite_skips), on_step=True)
 
     def forward(self, batch: dict):
         return self.net(**{k: v for k, v in batch.items() if k != "meta"})
@@ -33,6 +45,9 @@ class FusionLitModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int):
         out = self(batch)
         batch_size = batch["input_ids"].shape[0]
+        if not torch.isfinite(out.loss):
+            self._nonfinite("loss")
+            return None  # Lightning skips backward and the optimizer step
         self.log("train/loss", out.loss, on_step=True, prog_bar=True, batch_size=batch_size)
         self.log("train/targets", float(out.num_targets), on_step=True, batch_size=batch_size)
         now = time.perf_counter()
@@ -46,6 +61,17 @@ class FusionLitModule(L.LightningModule):
             self.log(f"lr/{group['name']}", group["lr"], on_step=True, batch_size=batch_size)
         return out.loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])) if params \
+            else torch.zeros(())
+        if not torch.isfinite(norm):
+            self._nonfinite("gradient")
+            for p in params:
+                p.grad = None  # AdamW leaves parameters without a gradient untouched: the step is a no-op
+            return
+        self.log("train/grad_norm", norm, on_step=True)
+
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self.net, **self.optim_args)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -53,3 +79,10 @@ class FusionLitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = {f"net.{n}" for n, p in self.net.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["rng"] = rng_state()
+        checkpoint["nonfinite_skips"] = self.nonfinite_skips
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])
+        self.nonfinite_skips = checkpoint.get("nonfinite_skips", 0)

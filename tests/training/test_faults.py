@@ -1,0 +1,123 @@
+"""Faults a long run meets: SIGKILL (twice) and resume, SIGTERM, non-finite losses."""
+from __future__ import annotations
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gemma_fusion.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _args(tiny_gemma4_dir, tiny_demo_dir, run_dir: Path, max_steps: int) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", f"backbone.path={tiny_gemma4_dir}",
+            "~backbone.pretrain", f"data.train={tiny_demo_dir}/train", f"data.val={tiny_demo_dir}/val",
+            "data.prepare_demo=false", "data.batch_size=2", "data.num_workers=2", "data.shuffle_buffer=4",
+            "data.resampled=false", "data.image_tokens=8", "data.cache_gb=0", f"trainer.max_steps={max_steps}",
+            "trainer.enable_progress_bar=false", "optim.warmup_steps=2", "checkpoint.every_n_steps=2",
+            "eval_after_train=false", "resume=auto"]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
+    """Until metrics.csv (flushed every step) holds a row for `step`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"the run ended before step {step}"
+        try:
+            if max(_losses(run_dir), default=-1) >= step:
+                return
+        except (OSError, ValueError, KeyError):
+            pass  # the file is being written
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def test_killed_twice_and_resumed_logs_the_losses_of_an_uninterrupted_run(tiny_gemma4_dir, tiny_demo_dir, tmp_path):
+    steps = 16  # 18 samples / batch 2: the run crosses an epoch boundary
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(_args(tiny_gemma4_dir, tiny_demo_dir, reference, steps), check=True, capture_output=True)
+
+    rng = random.Random()
+    kills = sorted(rng.sample(range(2, steps - 2), 2))
+    for kill_at in kills:
+        proc = subprocess.Popen(_args(tiny_gemma4_dir, tiny_demo_dir, killed, steps), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        _wait_for_step(proc, killed, kill_at)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    subprocess.run(_args(tiny_gemma4_dir, tiny_demo_dir, killed, steps), check=True, capture_output=True)
+
+    expected, got = _losses(reference), _losses(killed)
+    assert sorted(got) == sorted(expected), f"kills at {kills}: steps {sorted(got)}"
+    worst = max(abs(got[s] - expected[s]) for s in expected)
+    assert worst <= 1e-6, f"kills at {kills}: loss differs by {worst}"
+    a = load_file(reference / "final" / "trainable.safetensors")
+    b = load_file(killed / "final" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    assert not list((killed / "checkpoints").glob("*.tmp"))
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_exits_0(tiny_gemma4_dir, tiny_demo_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = _args(tiny_gemma4_dir, tiny_demo_dir, run_dir, 10_000)
+    args[args.index("checkpoint.every_n_steps=2")] = "checkpoint.every_n_steps=0"
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(proc, run_dir, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-2000:]
+    assert "continue with resume=auto" in out
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*.ckpt"))
+    assert len(checkpoints) == 1 and int(checkpoints[0].stem.split("-")[1]) >= 3
+    state = torch.load(checkpoints[0], weights_only=True)
+    assert state["global_step"] >= 3 and "DataBookkeeping" in "".join(state["callbacks"])
+
+
+def _poison(monkeypatch, at_steps: set[int]):
+    """Make the loss NaN at the given steps (a real forward pass, multiplied by NaN)."""
+    from gemma_fusion.training.module import FusionLitModule
+
+    forward = FusionLitModule.forward
+
+    def poisoned(self, batch):
+        out = forward(self, batch)
+        if self.global_step in at_steps:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(FusionLitModule, "forward", poisoned)
+
+
+def test_a_nan_loss_stops_the_run_with_one_sentence(make_cfg, tmp_path, monkeypatch):
+    import train as train_script
+
+    _poison(monkeypatch, {1})
+    with pytest.raises(UserError, match="Non-finite loss at step 1"):
+        train_script.train(make_cfg("trainer.max_steps=3"), tmp_path / "run")
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_nan_losses_are_skipped_and_counted_when_allowed(make_cfg, tmp_path, monkeypatch):
+    import train as train_script
+
+    _poison(monkeypatch, {1, 2})
+    model = train_script.train(make_cfg("trainer.max_steps=5", "optim.max_nonfinite_skips=2"), tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with (tmp_path / "run" / "metrics.csv").open(newline="") as f:
+        skips = [float(r["train/nonfinite_skips"]) for r in csv.DictReader(f) if r.get("train/nonfinite_skips")]
+    assert max(skips) == 2
