@@ -170,20 +170,18 @@ class SampleStream(torch.utils.data.IterableDataset):
         seed = self.seed
         rank, world, worker, workers = worker_info()
         reader = f"{rank}/{worker}"
-        skip = state.batches_to_skip(reader, world, workers, epoch)
-        if self.resampled and skip is None:
-            seed, skip = seed + 1_000_003 * (state.resumes + 1), 0  # a new layout: a fresh stream
+        filter_seen = state.filter_by_seen(world, workers)
+        if self.resampled and filter_seen:
+            seed, filter_seen = seed + 1_000_003 * state.resumes, False  # a new layout: a fresh stream
         rng = random.Random(f"{seed}/{epoch}/{rank}/{worker}")
         streams = [ShardStream(urls, seed, self.resampled, self.stats.skip)(epoch) for urls, _ in self.components]
-        if skip is None:
+        if filter_seen:
             streams = [state.skip_seen(s) for s in streams]
         raw = streams[0] if len(streams) == 1 else mix(streams, [w for _, w in self.components], rng)
         if self.shuffle:
             raw = shuffled(raw, self.shuffle, rng)
         stage = batch_stage(pad_id=self.preprocess_pad_id(), seed=seed + epoch, **self.batching)
         for index, batch in enumerate(stage(self._preprocessed(raw))):
-            if index < (skip or 0):
-                continue  # replaying the stream up to where the checkpoint left it
             batch["stats"] = self.stats.snapshot(epoch)
             batch["position"] = {"reader": reader, "batch": index, "world": world, "workers": workers}
             yield batch
@@ -234,8 +232,26 @@ def make_loader(
                            max_batch_tokens, state, allow_pipe)
     for urls, _ in dataset.components:
         warn_if_too_few_shards(urls, num_workers, world_size, f"data spec {str(spec)[:80]}")
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=num_workers > 0 and resampled)
+    return ResumableLoader(dataset, batch_size=None, num_workers=num_workers,
+                           persistent_workers=num_workers > 0 and resampled)
+
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    """A DataLoader that, when its stream's `StreamState` was restored from a checkpoint, drops the
+    batches already trained on in this epoch: the stream is a function of the seed, so the rest comes
+    in exactly the order of an uninterrupted run (workers included)."""
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        state = self.dataset.state
+        if state is None:
+            return iterator
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        skip = state.take_replay(world, max(1, self.num_workers))
+        for _ in range(skip):
+            if next(iterator, None) is None:
+                break
+        return iterator
 
 
 def preprocessor_for(model, image_tokens: int, audio_max_seconds: float | None = None,

@@ -22,27 +22,27 @@ class StreamState:
     """Where the training stream stands: the epoch, the batches consumed per loader process, and the
     (shard URL, index in shard) pairs already trained on in this epoch.
 
-    On resume with the same readers (loader workers x processes), each reader regenerates its
-    deterministic stream and drops the batches it had delivered (`replay`): the run continues with
-    exactly the batches an uninterrupted run would have seen. With a different layout the shards are
-    dealt out differently, so readers instead drop the samples already trained on (`seen`): each
-    sample still comes once per epoch, in a different order.
+    On resume with the same readers (loader workers x processes), the loader regenerates the epoch's
+    deterministic stream and drops the first `batches` batches in the main process (`replay`), so the
+    run continues with exactly the batches, in the order, an uninterrupted run would have seen. With a
+    different layout the shards are dealt out differently, so the readers instead drop the samples
+    already trained on (`seen`): each sample still comes once per epoch, in a different order.
     """
 
     def __init__(self):
         self.epoch = 0
         self.resumes = 0
         self.seen: dict[str, set[int]] = {}
-        self.consumed: dict[str, int] = {}  # reader "rank/worker" -> batches delivered this epoch
-        self.layout: list[int] | None = None  # [world size, workers per process] of those readers
-        self.replay: dict[str, int] = {}  # set on resume: batches each reader skips in `epoch`
+        self.batches = 0  # batches trained on in this epoch
+        self.layout: list[int] | None = None  # [world size, workers per process] of the readers
+        self.replay: int | None = None  # set on resume: batches to drop in `epoch` (None: not resuming)
 
     def mark(self, meta: list[dict], position: dict | None = None) -> None:
         for m in meta:
             if m.get("url") is not None:
                 self.seen.setdefault(m["url"], set()).add(m["index"])
+        self.batches += 1
         if position is not None:
-            self.consumed[position["reader"]] = position["batch"] + 1
             self.layout = [position["world"], position["workers"]]
 
     def num_seen(self) -> int:
@@ -50,15 +50,17 @@ class StreamState:
 
     def next_epoch(self) -> None:
         self.epoch += 1
-        self.seen, self.consumed, self.replay = {}, {}, {}
+        self.seen, self.batches, self.replay = {}, 0, None
 
-    def batches_to_skip(self, reader: str, world: int, workers: int, epoch: int) -> int | None:
-        """Batches this reader drops on resume, or None when samples must be filtered by `seen` instead."""
-        if not self.replay or epoch != self.epoch:
-            return 0
-        if self.layout != [world, workers]:
-            return None
-        return self.replay.get(reader, 0)
+    def filter_by_seen(self, world: int, workers: int) -> bool:
+        """Resuming with another reader layout: readers must drop the samples already trained on."""
+        return self.replay is not None and self.layout != [world, workers]
+
+    def take_replay(self, world: int, workers: int) -> int:
+        """Batches the main process drops once when resuming with the same layout (then 0)."""
+        skip = self.replay if self.replay is not None and self.layout == [world, workers] else 0
+        self.replay = None if skip else self.replay
+        return skip
 
     def skip_seen(self, samples):
         """webdataset stage: drop raw samples already trained on in this epoch (a snapshot taken at start)."""
@@ -68,16 +70,16 @@ class StreamState:
                 yield sample
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "resumes": self.resumes, "consumed": dict(self.consumed), "layout": self.layout,
+        return {"epoch": self.epoch, "resumes": self.resumes, "batches": self.batches, "layout": self.layout,
                 "seen": {url: _runs(sorted(indices)) for url, indices in self.seen.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
         self.resumes = int(state.get("resumes", 0)) + 1
         self.seen = {url: {i for start, stop in runs for i in range(start, stop)} for url, runs in state["seen"].items()}
-        self.consumed = dict(state.get("consumed", {}))
+        self.batches = int(state.get("batches", 0))
         self.layout = state.get("layout")
-        self.replay = dict(self.consumed)
+        self.replay = self.batches
 
 
 def _runs(indices: list[int]) -> list[list[int]]:

@@ -56,4 +56,34 @@ def build_model(cfg: DictConfig) -> FusionModel:
         add_lora(loaded.backbone.decoder, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
                  cfg.lora.target_modules, cfg.lora.get("use_dora", False))
     set_trainable(model)
+    if cfg.model.get("init_from"):
+        init_from_run(model, cfg.model.init_from)
     return model
+
+
+def init_from_run(model: FusionModel, run_dir) -> dict[str, int]:
+    """Start from an earlier run (a training stage): load its `final/trainable.safetensors` into every
+    trainable parameter that exists there with the same shape; returns and logs the counts per part."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from gemma_fusion.errors import UserError
+    from gemma_fusion.training.trainable import part_of
+
+    path = Path(run_dir).expanduser() / "final" / "trainable.safetensors"
+    if not path.is_file():
+        raise UserError(f"model.init_from={run_dir} has no final/trainable.safetensors; pass the directory of a "
+                        "finished earlier run (its hydra.run.dir).")
+    saved = load_file(str(path))
+    params = dict(model.named_parameters())
+    loaded: dict[str, int] = {}
+    for name, tensor in saved.items():
+        if name in params and params[name].shape == tensor.shape:
+            params[name].data.copy_(tensor)
+            loaded[part_of(name)] = loaded.get(part_of(name), 0) + tensor.numel()
+    if not loaded:
+        raise UserError(f"model.init_from={run_dir}: none of its {len(saved)} tensors fits this model "
+                        "(different projectors or backbone?).")
+    log.info("initialised from %s: %s", path, ", ".join(f"{part} {n:,} parameters" for part, n in loaded.items()))
+    return loaded

@@ -9,6 +9,7 @@ import torch
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
@@ -73,8 +74,13 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
 
 
 def save_final(model, run_dir: Path) -> Path:
-    """RUN/final/trainable.safetensors: projectors + adapters, nothing of the frozen backbone."""
+    """RUN/final/trainable.safetensors: projectors + adapters, nothing of the frozen backbone.
+
+    Global rank 0 writes it; other data-parallel ranks hold the same weights and only return the path.
+    """
     path = run_dir / "final" / "trainable.safetensors"
+    if rank_zero_only.rank != 0:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(trainable_state_dict(model), str(tmp))
@@ -131,5 +137,4 @@ class DataBookkeeping(Callback):
         for r in ranks:
             for url, runs in r["seen"].items():
                 seen.setdefault(url, []).extend(runs)
-        self.state.load_state_dict({**ranks[0], "seen": seen, "consumed": {}, "layout": None})
-        self.state.replay = {"*": 0}  # resumed, but no reader matches the saved layout
+        self.state.load_state_dict({**ranks[0], "seen": seen, "layout": None})  # no layout matches: filter

@@ -47,13 +47,14 @@ def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: fl
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
-def test_killed_twice_and_resumed_logs_the_losses_of_an_uninterrupted_run(tiny_gemma4_dir, tiny_demo_dir, tmp_path):
+@pytest.mark.parametrize("kills", [(9, 12), "random"])  # 9: just after the epoch boundary (9 batches/epoch)
+def test_killed_twice_and_resumed_logs_the_losses_of_an_uninterrupted_run(kills, tiny_gemma4_dir, tiny_demo_dir,
+                                                                          tmp_path):
     steps = 16  # 18 samples / batch 2: the run crosses an epoch boundary
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run(_args(tiny_gemma4_dir, tiny_demo_dir, reference, steps), check=True, capture_output=True)
-
-    rng = random.Random()
-    kills = sorted(rng.sample(range(2, steps - 2), 2))
+    if kills == "random":
+        kills = sorted(random.Random().sample(range(2, steps - 2), 2))
     for kill_at in kills:
         proc = subprocess.Popen(_args(tiny_gemma4_dir, tiny_demo_dir, killed, steps), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
