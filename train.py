@@ -1,6 +1,7 @@
 """Train projectors (+ LoRA) on a frozen backbone: `python train.py [overrides]` (see configs/train.yaml)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,8 @@ import hydra
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from gemma_fusion.config import CONFIG_DIR, check_cli_overrides, save_yaml, to_plain
@@ -40,7 +43,8 @@ def train(cfg: DictConfig, run_dir: Path):
     from gemma_fusion.training.module import FusionLitModule
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, run_dir / "config.yaml")
+    if rank_zero_only.rank == 0:  # (read from RANK / LOCAL_RANK / SLURM_PROCID): one process writes RUN's files
+        save_yaml(cfg, run_dir / "config.yaml")
     L.seed_everything(cfg.seed, workers=True)
     prepare(cfg)
     model = build_model(cfg)
@@ -61,9 +65,10 @@ def train(cfg: DictConfig, run_dir: Path):
     callbacks = [DataBookkeeping(state, data.get("max_bad_fraction", 0.05), data.get("bad_check_after", 200)),
                  SignalCheckpoint(run_dir / "checkpoints"), *build_callbacks(cfg, run_dir)]
     ckpt_path = resume_path(cfg, run_dir)
-    if ckpt_path:
+    if ckpt_path and rank_zero_only.rank == 0:
         set_aside_metrics(run_dir)
-    trainer = L.Trainer(**cfg.trainer, default_root_dir=run_dir, logger=build_loggers(cfg, run_dir),
+    trainer = L.Trainer(**instantiate(cfg.trainer, _convert_="all"),  # a strategy may be a `_target_` node
+                        default_root_dir=run_dir, logger=build_loggers(cfg, run_dir),
                         callbacks=callbacks, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                         plugins=[AtomicCheckpointIO()])
     try:
@@ -72,12 +77,21 @@ def train(cfg: DictConfig, run_dir: Path):
         if not getattr(trainer, "stopped_by_signal", False):
             trainer.save_checkpoint(run_dir / "checkpoints" / f"step-{trainer.global_step:07d}.ckpt", weights_only=False)
             trainer.stopped_by_signal = True
-    stitch_metrics(run_dir)
+    if trainer.is_global_zero:
+        stitch_metrics(run_dir)
     if getattr(trainer, "stopped_by_signal", False):
         print(f"stopped by a signal at step {trainer.global_step}: checkpoint written to {run_dir / 'checkpoints'}; "
               "continue with resume=auto")
         raise SystemExit(0)
     save_final(model, run_dir)
+    if cfg.lora.get("r") and rank_zero_only.rank == 0:  # the adapters again, in peft's own format
+        from gemma_fusion.training.adapters import save_peft_adapter
+
+        save_peft_adapter(model, run_dir / "final" / "adapter", cfg.backbone.path, lora_config=cfg.lora)
+    if cfg.lora.get("merge"):  # fold the adapters into the backbone: same logits, no adapter cost in evaluation
+        from gemma_fusion.training.adapters import merge_lora
+
+        merge_lora(model)
     return model
 
 
@@ -103,16 +117,33 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """train(), then greedy-generation evaluation on data.val -> RUN/eval.json (if eval_after_train)."""
+    """train(), then greedy-generation evaluation on data.val -> RUN/eval.json (if eval_after_train).
+
+    With several processes every rank trains; global rank 0 alone evaluates, on all of data.val.
+    """
+    import torch.distributed as dist
+
     from gemma_fusion.eval.evaluate import evaluate_into
 
     model = train(cfg, run_dir)
-    return evaluate_into(run_dir, model, cfg.data) if cfg.eval_after_train else {}
+    if rank_zero_only.rank != 0 or not cfg.eval_after_train:
+        return {}
+    if dist.is_initialized():  # the loader deals shards out by RANK / WORLD_SIZE or by the process group:
+        dist.destroy_process_group()  # leave the group and be a world of one, so val is read whole
+        os.environ.update(RANK="0", WORLD_SIZE="1")
+    return evaluate_into(run_dir, model, cfg.data)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    exit_on_user_error(run, cfg, Path(HydraConfig.get().runtime.output_dir))
+    hydra_cfg = HydraConfig.get()
+    # torchrun and srun start all ranks at once, each resolving its own runs/${now:...}; Lightning's own
+    # launcher (python train.py trainer=ddp) hands rank 0's directory to the ranks it starts.
+    ranks = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    if ranks > 1 and not any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra):
+        sys.exit("error: with several processes pass hydra.run.dir=RUN (e.g. runs/$SLURM_JOB_ID) so that every "
+                 "rank uses the same run directory; resume=auto looks for checkpoints there.")
+    exit_on_user_error(run, cfg, Path(hydra_cfg.runtime.output_dir))
 
 
 if __name__ == "__main__":

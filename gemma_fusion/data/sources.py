@@ -74,8 +74,7 @@ def number_samples(samples: Iterator[dict]) -> Iterator[dict]:
 
 def worker_info() -> tuple[int, int, int, int]:
     """(rank, world size, worker id, workers per rank) of the calling process."""
-    rank, world, worker, workers = wds.utils.pytorch_worker_info()
-    return rank, world, worker, workers
+    return wds.utils.pytorch_worker_info()
 
 
 class ShardStream:

@@ -45,9 +45,6 @@ class StreamState:
         if position is not None:
             self.layout = [position["world"], position["workers"]]
 
-    def num_seen(self) -> int:
-        return sum(map(len, self.seen.values()))
-
     def next_epoch(self) -> None:
         self.epoch += 1
         self.seen, self.batches, self.replay = {}, 0, None

@@ -79,7 +79,12 @@ class SignalCheckpoint(Callback):
             signal.signal(signal.SIGUSR1, request)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not (self.requested or getattr(trainer, "received_sigterm", False)):
+        requested = self.requested or getattr(trainer, "received_sigterm", False)
+        if trainer.world_size > 1:  # every rank must stop at the same step, or the collectives deadlock
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+            if requested:  # Lightning then raises SIGTERMException on every rank at this step boundary
+                trainer._signal_connector.received_sigterm = True
+        if not requested:
             return
         trainer.save_checkpoint(self.dirpath / f"step-{trainer.global_step:07d}.ckpt", weights_only=False)
         trainer.should_stop = True

@@ -30,6 +30,8 @@ def test_train_then_eval_writes_the_run_directory(make_cfg, tmp_path):
     assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(k.startswith("vision.") for k in saved) and any("lora_" in k for k in saved)
     assert not any(k.startswith("backbone.") and "lora_" not in k for k in saved)
+    adapter = tmp_path / "final" / "adapter"  # the adapters again, in peft's format (round trip: test_adapters.py)
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
 
     # training moved what trains and nothing of the frozen backbone
     for name, p in trained.named_parameters():

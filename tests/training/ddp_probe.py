@@ -1,0 +1,45 @@
+"""Test-only entry point: train.py's Hydra app plus a callback that records what each rank did.
+
+Lightning's launcher re-runs this script for the other ranks (torchrun starts it once per rank), so every
+rank gets the callback. Rank r writes, into the run directory:
+  rank{r}.keys.jsonl                 {"step", "keys"} of every batch it trained on
+  rank{r}.{start,end}.safetensors    its trainable weights when fitting starts and ends
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import save_file
+
+import train as train_script
+from gemma_fusion.training import callbacks as callbacks_module
+from gemma_fusion.training.trainable import trainable_state_dict
+
+BUILD_CALLBACKS = callbacks_module.build_callbacks
+
+
+class RankRecorder(Callback):
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def _path(self, trainer, name: str) -> Path:
+        return self.run_dir / f"rank{trainer.global_rank}.{name}"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        save_file(trainable_state_dict(pl_module.net), str(self._path(trainer, "start.safetensors")))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with self._path(trainer, "keys.jsonl").open("a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "keys": [m["key"] for m in batch["meta"]]}) + "\n")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        save_file(trainable_state_dict(pl_module.net), str(self._path(trainer, "end.safetensors")))
+
+
+if __name__ == "__main__":
+    callbacks_module.build_callbacks = lambda cfg, run_dir: [RankRecorder(run_dir), *BUILD_CALLBACKS(cfg, run_dir)]
+    train_script.check_cli_overrides("train", sys.argv[1:])
+    train_script.main()
