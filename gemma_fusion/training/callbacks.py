@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import secrets
 from pathlib import Path
 
 import torch
@@ -27,8 +28,20 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     if cfg.logger.get("wandb", False):
         os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
         loggers.append(WandbLogger(project=cfg.logger.get("project", "gemma_fusion"), save_dir=str(run_dir),
-                                   config=to_plain(cfg)))
+                                   config=to_plain(cfg), id=wandb_run_id(run_dir), resume="allow"))
     return loggers
+
+
+def wandb_run_id(run_dir: Path) -> str | None:
+    """The wandb run id of RUN, kept in RUN/wandb_run_id: a resumed run continues the same wandb run.
+    Only global rank 0 logs to wandb (and owns the file)."""
+    if rank_zero_only.rank != 0:
+        return None
+    path = run_dir / "wandb_run_id"
+    if not path.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(4))  # wandb's id alphabet: lowercase letters and digits
+    return path.read_text().strip()
 
 
 def set_aside_metrics(run_dir: Path) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -80,3 +81,14 @@ def test_backbone_that_is_not_a_causal_lm_is_rejected(make_cfg, tmp_path):
 def test_projector_width_mismatch_names_both_widths(make_cfg):
     with pytest.raises(UserError, match="vision projector outputs width 32 but the backbone's hidden size is 64"):
         build_model(make_cfg("+model.vision.out_dim=32"))
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(make_cfg, tmp_path):
+    from gemma_fusion.training.callbacks import build_loggers
+
+    cfg = make_cfg("logger=wandb")
+    first = [lg for lg in build_loggers(cfg, tmp_path) if type(lg).__name__ == "WandbLogger"][0]
+    again = [lg for lg in build_loggers(cfg, tmp_path) if type(lg).__name__ == "WandbLogger"][0]
+    other = [lg for lg in build_loggers(cfg, tmp_path / "other") if type(lg).__name__ == "WandbLogger"][0]
+    assert first._id == again._id == (tmp_path / "wandb_run_id").read_text() != other._id
+    assert os.environ.get("WANDB_MODE") in ("offline", "online")
