@@ -56,6 +56,8 @@ def build_model(cfg: DictConfig) -> FusionModel:
         add_lora(loaded.backbone.decoder, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
                  cfg.lora.target_modules, cfg.lora.get("use_dora", False))
     set_trainable(model)
+    if cfg.model.get("gradient_checkpointing"):
+        checkpoint_layers(loaded.backbone.decoder)
     if cfg.model.get("init_from"):
         init_from_run(model, cfg.model.init_from)
     return model
@@ -87,3 +89,24 @@ def init_from_run(model: FusionModel, run_dir) -> dict[str, int]:
                         "(different projectors or backbone?).")
     log.info("initialised from %s: %s", path, ", ".join(f"{part} {n:,} parameters" for part, n in loaded.items()))
     return loaded
+
+
+def checkpoint_layers(decoder) -> int:
+    """Activation checkpointing on every decoder layer: activations are recomputed in backward.
+
+    transformers only checkpoints layers of a model in train mode; the frozen backbone stays in eval
+    mode (dropout off), so the layers' forward is wrapped here instead. Returns the number of layers.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(decoder).__name__} has no .layers to checkpoint; set model.gradient_checkpointing=false.")
+    for layer in layers:
+        def forward(*args, _inner=layer.forward, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+        layer.forward = forward
+    return len(layers)

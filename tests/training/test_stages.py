@@ -26,3 +26,23 @@ def test_finetune_starts_from_the_align_run(make_cfg, tmp_path):
 def test_finetune_without_a_first_stage_is_refused(make_cfg, tmp_path):
     with pytest.raises(UserError, match="final/trainable.safetensors"):
         build_model(make_cfg("experiment=finetune", f"model.init_from={tmp_path}"))
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(make_cfg):
+    from gemma_fusion.data.pipeline import make_loader, preprocessor_for
+
+    results = []
+    for flag in ("false", "true"):
+        torch.manual_seed(0)
+        cfg = make_cfg(f"model.gradient_checkpointing={flag}")
+        model = build_model(cfg).train()
+        calls = []
+        model.backbone.decoder.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+        batch = next(iter(make_loader(cfg.data.train, preprocessor_for(model, 8), 4)))
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        assert len(calls) == (2 if flag == "true" else 1)  # checkpointed: recomputed once in backward
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-6) and grads_a.keys() == grads_b.keys() and grads_a
+    assert all(torch.allclose(grads_a[k], grads_b[k], atol=1e-6) for k in grads_a)
