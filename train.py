@@ -73,10 +73,8 @@ def train(cfg: DictConfig, run_dir: Path):
                         plugins=[AtomicCheckpointIO()])
     try:
         trainer.fit(module, train_dataloaders=train_loader, ckpt_path=ckpt_path)
-    except SIGTERMException:  # Lightning's own SIGTERM handler; it stops at a step boundary
-        if not getattr(trainer, "stopped_by_signal", False):
-            trainer.save_checkpoint(run_dir / "checkpoints" / f"step-{trainer.global_step:07d}.ckpt", weights_only=False)
-            trainer.stopped_by_signal = True
+    except SIGTERMException:  # Lightning's own SIGTERM handling; SignalCheckpoint saved in on_exception
+        pass
     if trainer.is_global_zero:
         stitch_metrics(run_dir)
     if getattr(trainer, "stopped_by_signal", False):

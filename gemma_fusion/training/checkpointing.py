@@ -68,7 +68,9 @@ class SignalCheckpoint(Callback):
         self.dirpath = Path(dirpath)
         self.requested = False
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Registered after Lightning's own handlers (which act per rank and can stop the ranks at different
+        steps): only this flag is used, and the stop is agreed across ranks at a step boundary."""
         from lightning.fabric.plugins.environments import SLURMEnvironment
 
         def request(signum, frame):
@@ -84,8 +86,18 @@ class SignalCheckpoint(Callback):
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
             if requested:  # Lightning then raises SIGTERMException on every rank at this step boundary
                 trainer._signal_connector.received_sigterm = True
-        if not requested:
-            return
+        if requested:
+            self._save(trainer)
+            trainer.should_stop = True
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        """Lightning's own SIGTERM handling raises at a step boundary (agreed across ranks); save before its
+        teardown takes the process group down."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and not getattr(trainer, "stopped_by_signal", False):
+            self._save(trainer)
+
+    def _save(self, trainer) -> None:
         trainer.save_checkpoint(self.dirpath / f"step-{trainer.global_step:07d}.ckpt", weights_only=False)
-        trainer.should_stop = True
         trainer.stopped_by_signal = True

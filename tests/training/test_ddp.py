@@ -113,3 +113,35 @@ def test_external_launch_needs_a_pinned_run_dir(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "data.prepare_demo=false", "~backbone.pretrain"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "hydra.run.dir" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sigterm_to_every_rank_checkpoints_once_and_exits_0(tiny_gemma4_dir, even_demo_dir, tmp_path):
+    """As SLURM does at preemption: SIGTERM to all ranks; they agree on a step, checkpoint, exit 0."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    overrides = [
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+        f"backbone.path={tiny_gemma4_dir}", "~backbone.pretrain", f"data.train={even_demo_dir}/train",
+        f"data.val={even_demo_dir}/val", "data.prepare_demo=false", "data.resampled=true", "data.num_workers=0",
+        "data.batch_size=2", "data.image_tokens=8", "data.cache_gb=0", "trainer.max_steps=100000",
+        "trainer.enable_progress_bar=false", "optim.warmup_steps=1", "checkpoint.every_n_steps=0",
+        "eval_after_train=false", f"hydra.run.dir={run_dir}",
+    ]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "SLURM_NTASKS", "HYDRA_FULL_ERROR")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.csv").is_file() or (run_dir / "metrics.csv").read_text().count("\n") < 4:
+        assert proc.poll() is None and time.time() < deadline, "the DDP run did not reach step 3"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the ranks did not stop within a minute of SIGTERM")
+    assert proc.returncode == 0, out[-3000:]
+    assert len(list((run_dir / "checkpoints").glob("step-*.ckpt"))) == 1, out[-3000:]
