@@ -169,7 +169,6 @@ class SampleStream(torch.utils.data.IterableDataset):
         epoch = state.epoch
         seed = self.seed
         rank, world, worker, workers = worker_info()
-        reader = f"{rank}/{worker}"
         filter_seen = state.filter_by_seen(world, workers)
         if self.resampled and filter_seen:
             seed, filter_seen = seed + 1_000_003 * state.resumes, False  # a new layout: a fresh stream
@@ -181,9 +180,9 @@ class SampleStream(torch.utils.data.IterableDataset):
         if self.shuffle:
             raw = shuffled(raw, self.shuffle, rng)
         stage = batch_stage(pad_id=self.preprocess_pad_id(), seed=seed + epoch, **self.batching)
-        for index, batch in enumerate(stage(self._preprocessed(raw))):
+        for batch in stage(self._preprocessed(raw)):
             batch["stats"] = self.stats.snapshot(epoch)
-            batch["position"] = {"reader": reader, "batch": index, "world": world, "workers": workers}
+            batch["position"] = {"world": world, "workers": workers}  # the reader layout, for resume
             yield batch
 
     def _preprocessed(self, raw: Iterator[dict]) -> Iterator[dict]:
@@ -224,7 +223,7 @@ def make_loader(
     `bucket_batches`, `pack_length`, `max_batch_tokens`: see `batching`. `cache_gb > 0` keeps preprocessed
     samples in RAM (`MemoryCache`). `state`: a `StreamState` for exact resume (epoch-based streams skip the
     samples it has marked). Each batch carries `meta` (one entry per sample), `stats` (the loader
-    process's cumulative ok / skipped counts) and `position` (which reader made it, its index there).
+    process's cumulative ok / skipped counts) and `position` (the reader layout: world size, workers).
     """
     if cache_gb > 0:
         preprocess = MemoryCache(preprocess, cache_gb)

@@ -1,10 +1,11 @@
 """The loader's bookkeeping: which samples were trained on (exact resume) and which were skipped (bad samples).
 
-`StreamState` lives in the main process. The training loop marks every sample of every batch it has
-stepped on; the state goes into the checkpoint (plain ints and strings, so `torch.load(weights_only=True)`
-reads it). Loader workers are started at the beginning of each epoch with a copy of it and drop the
-samples already marked, so after any number of kills and resumes every sample of an epoch is trained on
-exactly once — whatever the number of workers, the shuffle buffer or the batching.
+`StreamState` lives in the main process. The training loop counts the batches it has stepped on and
+marks their samples; the state goes into the checkpoint (plain ints and strings, so
+`torch.load(weights_only=True)` reads it). On resume the loader replays the epoch's seeded stream and
+drops the batches already trained on (same reader layout), or its workers drop the samples already
+marked (another layout), so after any number of kills and resumes every sample of an epoch is trained
+on exactly once — whatever the number of workers, the shuffle buffer or the batching.
 
 `DataStats` counts, per loader process, the samples that came through and the ones skipped by reason;
 each batch carries a snapshot so the main process can sum them over workers (`StatsTotals`).
@@ -19,8 +20,8 @@ log = logging.getLogger(__name__)
 
 
 class StreamState:
-    """Where the training stream stands: the epoch, the batches consumed per loader process, and the
-    (shard URL, index in shard) pairs already trained on in this epoch.
+    """Where the training stream stands: the epoch, the batches trained on in it, the reader layout, and
+    the (shard URL, index in shard) pairs already trained on in this epoch.
 
     On resume with the same readers (loader workers x processes), the loader regenerates the epoch's
     deterministic stream and drops the first `batches` batches in the main process (`replay`), so the
