@@ -7,7 +7,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gemma_fusion.models.backbone import load_backbone
+from gemma_fusion.errors import UserError
 from gemma_fusion.models.fusion import FusionModel
+from gemma_fusion.models.quant import quantize_frozen
 from gemma_fusion.training.trainable import add_lora, set_trainable
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,10 @@ def build_projector(node: DictConfig | None, hidden: int, ckpt_args: dict, ckpt_
 
 
 def build_model(cfg: DictConfig) -> FusionModel:
+    quant = cfg.backbone.get("quant") or "none"
+    if quant != "none" and cfg.lora.get("merge"):
+        raise UserError(f"lora.merge=true cannot fold adapters into a backbone.quant={quant} base (the merged weights "
+                        "would be rounded again); train with lora.merge=false and merge at export time.")
     loaded = load_backbone(cfg.backbone.path, cfg.backbone.dtype, cfg.backbone.attn_implementation)
     hidden = loaded.backbone.hidden_size
     mm = loaded.multimodal
@@ -56,6 +62,8 @@ def build_model(cfg: DictConfig) -> FusionModel:
         add_lora(loaded.backbone.decoder, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
                  cfg.lora.target_modules, cfg.lora.get("use_dora", False))
     set_trainable(model)
+    quantize_frozen(loaded.backbone.decoder, quant, cfg.backbone.get("quant_group_size", 64),
+                    cfg.backbone.get("quant_backend", "native"))
     if cfg.model.get("gradient_checkpointing"):
         checkpoint_layers(loaded.backbone.decoder)
     if cfg.model.get("init_from"):
@@ -70,7 +78,6 @@ def init_from_run(model: FusionModel, run_dir) -> dict[str, int]:
 
     from safetensors.torch import load_file
 
-    from gemma_fusion.errors import UserError
     from gemma_fusion.training.trainable import part_of
 
     path = Path(run_dir).expanduser() / "final" / "trainable.safetensors"
