@@ -35,8 +35,9 @@ def train(cfg: DictConfig, run_dir: Path):
     from gemma_fusion.data.pipeline import make_loader, preprocessor_for
     from gemma_fusion.data.state import StreamState
     from gemma_fusion.models.build import build_model
-    from gemma_fusion.training.callbacks import (DataBookkeeping, build_callbacks, build_loggers, save_final,
-                                                 set_aside_metrics, stitch_metrics)
+    from gemma_fusion.training.callbacks import (DataBookkeeping, build_callbacks, build_loggers, gathered_trainable,
+                                                 save_final, set_aside_metrics, stitch_metrics)
+    from lightning.pytorch.strategies import FSDPStrategy
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from gemma_fusion.training.checkpointing import AtomicCheckpointIO, SignalCheckpoint
@@ -81,11 +82,19 @@ def train(cfg: DictConfig, run_dir: Path):
         print(f"stopped by a signal at step {trainer.global_step}: checkpoint written to {run_dir / 'checkpoints'}; "
               "continue with resume=auto")
         raise SystemExit(0)
-    save_final(model, run_dir)
+    trained = gathered_trainable(trainer, model)  # under FSDP: gathered from every rank's shards onto rank 0
+    save_final(model, run_dir, trained)
     if cfg.lora.get("r") and rank_zero_only.rank == 0:  # the adapters again, in peft's own format
         from gemma_fusion.training.adapters import save_peft_adapter
 
-        save_peft_adapter(model, run_dir / "final" / "adapter", cfg.backbone.path, lora_config=cfg.lora)
+        save_peft_adapter(model, run_dir / "final" / "adapter", cfg.backbone.path, lora_config=cfg.lora, state=trained)
+    if isinstance(trainer.strategy, FSDPStrategy):  # the live model is sharded: rank 0 continues with a whole copy
+        trainer.strategy.barrier()
+        if rank_zero_only.rank != 0:
+            return model
+        from gemma_fusion.training.restore import load_run
+
+        model = load_run(run_dir)[0].to(trainer.strategy.root_device)
     if cfg.lora.get("merge"):  # fold the adapters into the backbone: same logits, no adapter cost in evaluation
         from gemma_fusion.training.adapters import merge_lora
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from gemma_fusion.config import to_plain
 from gemma_fusion.data.state import StatsTotals, StreamState
 from gemma_fusion.errors import UserError
-from gemma_fusion.training.trainable import trainable_state_dict
+from gemma_fusion.training.trainable import trainable_names, trainable_state_dict
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -86,17 +86,31 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
                             filename="step-{step:07d}", auto_insert_metric_name=False)]
 
 
-def save_final(model, run_dir: Path) -> Path:
+def gathered_trainable(trainer, model) -> dict[str, torch.Tensor]:
+    """The trainable weights, whole. Under FSDP every rank holds shards: they are gathered onto global rank 0
+    (a collective: every rank must call this; the others get {}). Otherwise the model's own tensors."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return trainable_state_dict(model)
+    keep = trainable_names(model)
+    full = trainer.strategy.lightning_module_state_dict()  # "full" state dict type: rank 0 only, on the CPU
+    return {k[len("net."):]: v.detach().cpu().contiguous() for k, v in full.items()
+            if k.startswith("net.") and k[len("net."):] in keep}
+
+
+def save_final(model, run_dir: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """RUN/final/trainable.safetensors: projectors + adapters, nothing of the frozen backbone.
 
     Global rank 0 writes it; other data-parallel ranks hold the same weights and only return the path.
+    `state`: the trainable tensors when they are not the model's own (gathered from FSDP shards).
     """
     path = run_dir / "final" / "trainable.safetensors"
     if rank_zero_only.rank != 0:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(trainable_state_dict(model), str(tmp))
+    save_file(trainable_state_dict(model) if state is None else state, str(tmp))
     tmp.replace(path)
     return path
 

@@ -11,6 +11,7 @@ from gemma_fusion.errors import UserError
 from gemma_fusion.models.fusion import FusionModel
 from gemma_fusion.training.checkpointing import rng_state, set_rng_state
 from gemma_fusion.training.optim import build_optimizer
+from gemma_fusion.training.trainable import trainable_names
 
 
 # The frozen backbone is in eval mode on purpose (dropout off); Lightning warns about it at every fit.
@@ -63,8 +64,10 @@ class FusionLitModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         params = [p for p in self.net.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])) if params \
-            else torch.zeros(())
+        square = sum((p.grad.float().pow(2).sum() for p in params), torch.zeros((), device=self.device))
+        if self._sharded():  # each rank holds a shard of every gradient: the norm is over all of them
+            torch.distributed.all_reduce(square)
+        norm = square.sqrt()
         if not torch.isfinite(norm):
             self._nonfinite("gradient")
             for p in params:
@@ -72,12 +75,18 @@ class FusionLitModule(L.LightningModule):
             return
         self.log("train/grad_norm", norm, on_step=True)
 
+    def _sharded(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy) \
+            and torch.distributed.is_initialized()
+
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self.net, **self.optim_args)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep = {f"net.{n}" for n, p in self.net.named_parameters() if p.requires_grad}
+        keep = {f"net.{n}" for n in trainable_names(self.net)}  # names as the state dict has them, also under FSDP
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["rng"] = rng_state()
         checkpoint["nonfinite_skips"] = self.nonfinite_skips

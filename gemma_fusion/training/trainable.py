@@ -9,6 +9,19 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 PARTS = ("vision", "audio", "lora", "backbone")
+# Wrappers that FSDP, activation checkpointing and torch.compile put into parameter names
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name as the unwrapped model knows it (and as checkpoints and state dicts store it)."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    return {clean_name(n) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def add_lora(decoder: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str],
@@ -45,4 +58,4 @@ def set_trainable(model: nn.Module) -> dict[str, dict[str, int]]:
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only what trains (projectors + adapters): the frozen backbone is never copied."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {clean_name(n): p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
