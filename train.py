@@ -40,7 +40,7 @@ def train(cfg: DictConfig, run_dir: Path):
     from lightning.pytorch.strategies import FSDPStrategy
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from gemma_fusion.training.checkpointing import AtomicCheckpointIO, SignalCheckpoint
+    from gemma_fusion.training.checkpointing import AtomicCheckpointIO, SignalCheckpoint, slurm_environment
     from gemma_fusion.training.module import FusionLitModule
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def train(cfg: DictConfig, run_dir: Path):
     trainer = L.Trainer(**instantiate(cfg.trainer, _convert_="all"),  # a strategy may be a `_target_` node
                         default_root_dir=run_dir, logger=build_loggers(cfg, run_dir),
                         callbacks=callbacks, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-                        plugins=[AtomicCheckpointIO()])
+                        plugins=[p for p in (AtomicCheckpointIO(), slurm_environment()) if p is not None])
     try:
         trainer.fit(module, train_dataloaders=train_loader, ckpt_path=ckpt_path)
     except SIGTERMException:  # Lightning's own SIGTERM handling; SignalCheckpoint saved in on_exception

@@ -3,16 +3,19 @@
 - `AtomicCheckpointIO` writes `step-N.ckpt.tmp`, fsyncs it and renames it into place: a kill or a full
   disk during a save leaves the previous checkpoints untouched and no file with the final name. It
   loads with `torch.load(weights_only=True)`: checkpoints hold tensors and plain Python types only.
-- `SignalCheckpoint` turns SIGTERM (and SIGUSR1 outside SLURM, where Lightning requeues by itself)
-  into "checkpoint at the next step boundary, then exit 0", so a preempted job resumes with
-  `resume=auto` and loses nothing.
+- `SignalCheckpoint` turns SIGTERM and SIGUSR1 into "checkpoint at the next step boundary, then exit 0",
+  so a preempted job resumes with `resume=auto` and loses nothing. Under SLURM, SIGUSR1 (`#SBATCH
+  --signal=USR1@120`, sent before the time limit) also requeues the job (`scontrol requeue`); Lightning's
+  own SLURM handler, which saves in the middle of a step, is switched off (`slurm_environment`).
 """
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
 from gemma_fusion.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -61,29 +66,65 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def slurm_environment():
+    """Under SLURM: Lightning's SLURM environment without its SIGUSR1 handler (SignalCheckpoint takes the
+    signal and saves at a step boundary instead of mid-step); None elsewhere."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return SLURMEnvironment(auto_requeue=False) if SLURMEnvironment.detect() else None
+
+
+def slurm_job_id() -> str | None:
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+def requeue_slurm_job() -> None:
+    """`scontrol requeue` this job: SLURM starts it again, and `resume=auto` continues from the checkpoint."""
+    job = slurm_job_id()
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.warning("could not requeue SLURM job %s (%s); resubmit it with resume=auto", job, err)
+        return
+    if result.returncode:
+        log.warning("scontrol requeue %s failed (%s); resubmit it with resume=auto", job, result.stderr.strip())
+    else:
+        log.info("SLURM job %s requeued", job)
+
+
 class SignalCheckpoint(Callback):
-    """On SIGTERM / SIGUSR1: finish the current step, write a checkpoint, stop; the process exits 0."""
+    """On SIGTERM / SIGUSR1: finish the current step, write a checkpoint, stop; the process exits 0.
+
+    Under SLURM a SIGUSR1 (the time limit is near) also requeues the job from global rank 0; a SIGTERM
+    (scancel, or preemption, which requeues by itself when the partition says so) does not.
+    """
 
     def __init__(self, dirpath: Path):
         self.dirpath = Path(dirpath)
         self.requested = False
+        self.requeue = False
 
     def on_train_start(self, trainer, pl_module) -> None:
         """Registered after Lightning's own handlers (which act per rank and can stop the ranks at different
         steps): only this flag is used, and the stop is agreed across ranks at a step boundary."""
         from lightning.fabric.plugins.environments import SLURMEnvironment
 
+        slurm = SLURMEnvironment.detect()
+
         def request(signum, frame):
             self.requested = True
+            self.requeue = self.requeue or (slurm and signum == getattr(signal, "SIGUSR1", None))
 
         signal.signal(signal.SIGTERM, request)
-        if not SLURMEnvironment.detect() and hasattr(signal, "SIGUSR1"):
+        if hasattr(signal, "SIGUSR1"):
             signal.signal(signal.SIGUSR1, request)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         requested = self.requested or getattr(trainer, "received_sigterm", False)
         if trainer.world_size > 1:  # every rank must stop at the same step, or the collectives deadlock
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+            self.requeue = trainer.strategy.reduce_boolean_decision(self.requeue, all=False)
             if requested:  # Lightning then raises SIGTERMException on every rank at this step boundary
                 trainer._signal_connector.received_sigterm = True
         if requested:
@@ -101,3 +142,5 @@ class SignalCheckpoint(Callback):
     def _save(self, trainer) -> None:
         trainer.save_checkpoint(self.dirpath / f"step-{trainer.global_step:07d}.ckpt", weights_only=False)
         trainer.stopped_by_signal = True
+        if self.requeue and trainer.is_global_zero:  # the signal reached rank 0 (SLURM signals every task)
+            requeue_slurm_job()

@@ -122,3 +122,34 @@ def test_nan_losses_are_skipped_and_counted_when_allowed(make_cfg, tmp_path, mon
     with (tmp_path / "run" / "metrics.csv").open(newline="") as f:
         skips = [float(r["train/nonfinite_skips"]) for r in csv.DictReader(f) if r.get("train/nonfinite_skips")]
     assert max(skips) == 2
+
+
+def test_sigusr1_under_slurm_checkpoints_requeues_and_the_requeued_job_resumes(tiny_gemma4_dir, tiny_demo_dir,
+                                                                               tmp_path):
+    """SLURM's warning before the time limit (`--signal=USR1@120`): checkpoint at the step boundary, exit 0,
+    `scontrol requeue` the job; the requeued job (same run directory, resume=auto) continues from there."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NTASKS": "1",
+           "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+           "SLURM_NODEID": "0"}
+    run_dir = tmp_path / "run"
+    args = _args(tiny_gemma4_dir, tiny_demo_dir, run_dir, 12)
+    args[args.index("checkpoint.every_n_steps=2")] = "checkpoint.every_n_steps=0"
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    _wait_for_step(proc, run_dir, 3)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-2000:]
+    assert calls.read_text().split() == ["requeue", "4242"]
+    (checkpoint,) = (run_dir / "checkpoints").glob("step-*.ckpt")
+    stopped_at = int(checkpoint.stem.split("-")[1])
+    assert 3 <= stopped_at < 12
+
+    done = subprocess.run(args, capture_output=True, text=True, env=env)  # the requeued job
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(_losses(run_dir)) == list(range(12))  # stitched: every step once, none repeated
+    assert (run_dir / "final" / "trainable.safetensors").is_file()
+    assert calls.read_text().split() == ["requeue", "4242"]  # a finished job does not requeue
