@@ -62,7 +62,8 @@ def train(cfg: DictConfig, run_dir: Path):
     )
     module = FusionLitModule(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
                              warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.trainer.max_steps,
-                             max_nonfinite_skips=cfg.optim.get("max_nonfinite_skips", 0))
+                             max_nonfinite_skips=cfg.optim.get("max_nonfinite_skips", 0),
+                             peak_tflops=cfg.logger.get("peak_tflops"))
     callbacks = [DataBookkeeping(state, data.get("max_bad_fraction", 0.05), data.get("bad_check_after", 200)),
                  SignalCheckpoint(run_dir / "checkpoints"), *build_callbacks(cfg, run_dir)]
     ckpt_path = resume_path(cfg, run_dir)

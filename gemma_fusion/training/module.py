@@ -11,6 +11,7 @@ from gemma_fusion.errors import UserError
 from gemma_fusion.models.fusion import FusionModel
 from gemma_fusion.training.checkpointing import rng_state, set_rng_state
 from gemma_fusion.training.optim import build_optimizer
+from gemma_fusion.training.throughput import StepFlops, device_peak_tflops, peak_memory_bytes
 from gemma_fusion.training.trainable import trainable_names
 
 
@@ -22,7 +23,8 @@ class FusionLitModule(L.LightningModule):
     """Wraps `net` (a FusionModel); everything model-specific stays in the model."""
 
     def __init__(self, net: FusionModel, lr: dict, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                 warmup_steps: int = 0, total_steps: int = 1000, max_nonfinite_skips: int = 0):
+                 warmup_steps: int = 0, total_steps: int = 1000, max_nonfinite_skips: int = 0,
+                 peak_tflops: float | None = None):
         super().__init__()
         self.net = net
         self.optim_args = dict(lr=dict(lr), weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
@@ -30,6 +32,8 @@ class FusionLitModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trainable parameters
         self.max_nonfinite_skips, self.nonfinite_skips = max_nonfinite_skips, 0
         self._t_last = None
+        self.step_flops = StepFlops(net.backbone.text_config, net.backbone.decoder)
+        self.peak_tflops = peak_tflops  # None: the device's own (known NVIDIA cards), else no MFU
 
     def _nonfinite(self, what: str) -> None:
         """A non-finite loss or gradient: skip the step (counted) while the budget lasts, else stop."""
@@ -57,6 +61,12 @@ class FusionLitModule(L.LightningModule):
             tokens = float(batch["attention_mask"].sum())
             self.log("train/tokens_per_s", tokens / dt, on_step=True, batch_size=batch_size)
             self.log("train/samples_per_s", batch_size / dt, on_step=True, batch_size=batch_size)
+            tflops = self.step_flops(batch, int(out.num_targets)) / dt / 1e12
+            self.log("train/model_tflops_per_s", tflops, on_step=True, batch_size=batch_size)
+            peak = device_peak_tflops(self.device, self.peak_tflops)
+            if peak:
+                self.log("train/mfu", tflops / peak, on_step=True, batch_size=batch_size)
+        self.log("train/peak_mem_gb", peak_memory_bytes(self.device) / 1e9, on_step=True, batch_size=batch_size)
         self._t_last = now
         for group in self.optimizers().optimizer.param_groups:
             self.log(f"lr/{group['name']}", group["lr"], on_step=True, batch_size=batch_size)

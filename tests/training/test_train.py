@@ -24,7 +24,9 @@ def test_train_then_eval_writes_the_run_directory(make_cfg, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     losses = [r for r in rows if r.get("train/loss")]
     assert "step" in rows[0] and len(losses) >= 3
-    assert {"train/tokens_per_s", "train/samples_per_s", "lr/vision", "lr/audio", "lr/lora"} <= set(rows[0])
+    assert {"train/tokens_per_s", "train/samples_per_s", "lr/vision", "lr/audio", "lr/lora", "train/grad_norm",
+            "train/model_tflops_per_s", "train/peak_mem_gb", "data/skipped"} <= set(rows[0])
+    assert all(float(r["train/model_tflops_per_s"]) > 0 for r in rows if r.get("train/model_tflops_per_s"))
 
     saved = load_file(tmp_path / "final" / "trainable.safetensors")
     model = build_model(cfg)
