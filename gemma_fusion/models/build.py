@@ -66,6 +66,8 @@ def build_model(cfg: DictConfig) -> FusionModel:
                     cfg.backbone.get("quant_backend", "native"))
     if cfg.model.get("gradient_checkpointing"):
         checkpoint_layers(loaded.backbone.decoder)
+    if cfg.model.get("compile"):
+        compile_layers(loaded.backbone.decoder, cfg.model.get("compile_mode"))
     if cfg.model.get("init_from"):
         init_from_run(model, cfg.model.init_from)
     return model
@@ -116,4 +118,16 @@ def checkpoint_layers(decoder) -> int:
                 return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
             return _inner(*args, **kwargs)
         layer.forward = forward
+    return len(layers)
+
+
+def compile_layers(decoder, mode: str | None = None) -> int:
+    """torch.compile each decoder layer in place (regional compilation: one graph per layer type, compiled
+    once and reused by every layer of that type; the projectors and the loss stay eager). Returns the count."""
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(decoder).__name__} has no .layers to compile; set model.compile=false.")
+    for layer in layers:
+        layer.compile(mode=mode, dynamic=True)  # dynamic: batches change length from step to step
+    log.info("model.compile: %d decoder layers compiled with torch.compile (mode=%s)", len(layers), mode)
     return len(layers)
