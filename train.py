@@ -52,6 +52,8 @@ def train(cfg: DictConfig, run_dir: Path):
     data = cfg.data
     preprocess = preprocessor_for(model, data.image_tokens, data.audio_max_seconds, data.get("max_length"),
                                   data.get("jpeg_draft", False))
+    if "FSDP" in str(cfg.trainer.get("strategy", "")).upper():  # FSDP units are collectives: every rank runs all
+        model.run_idle_projectors = True
     state = StreamState()
     train_loader = make_loader(
         to_plain(data.train), preprocess, data.batch_size, data.num_workers, data.shuffle_buffer, cfg.seed,
@@ -61,7 +63,7 @@ def train(cfg: DictConfig, run_dir: Path):
         world_size=planned_world_size(cfg.trainer),
     )
     module = FusionLitModule(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
-                             warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.trainer.max_steps,
+                             warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.optim.get("schedule_steps") or cfg.trainer.max_steps,
                              max_nonfinite_skips=cfg.optim.get("max_nonfinite_skips", 0),
                              peak_tflops=cfg.logger.get("peak_tflops"))
     callbacks = [DataBookkeeping(state, data.get("max_bad_fraction", 0.05), data.get("bad_check_after", 200)),
@@ -83,12 +85,7 @@ def train(cfg: DictConfig, run_dir: Path):
         print(f"stopped by a signal at step {trainer.global_step}: checkpoint written to {run_dir / 'checkpoints'}; "
               "continue with resume=auto")
         raise SystemExit(0)
-    trained = gathered_trainable(trainer, model)  # under FSDP: gathered from every rank's shards onto rank 0
-    save_final(model, run_dir, trained)
-    if cfg.lora.get("r") and rank_zero_only.rank == 0:  # the adapters again, in peft's own format
-        from gemma_fusion.training.adapters import save_peft_adapter
-
-        save_peft_adapter(model, run_dir / "final" / "adapter", cfg.backbone.path, lora_config=cfg.lora, state=trained)
+    save_final(model, run_dir, gathered_trainable(trainer, model))  # FSDP: gathered from the shards onto rank 0
     if isinstance(trainer.strategy, FSDPStrategy):  # the live model is sharded: rank 0 continues with a whole copy
         trainer.strategy.barrier()
         if rank_zero_only.rank != 0:
@@ -96,6 +93,10 @@ def train(cfg: DictConfig, run_dir: Path):
         from gemma_fusion.training.restore import load_run
 
         model = load_run(run_dir)[0].to(trainer.strategy.root_device)
+    if cfg.lora.get("r") and rank_zero_only.rank == 0:  # the adapters again, in peft's own format
+        from gemma_fusion.training.adapters import save_peft_adapter
+
+        save_peft_adapter(model, run_dir / "final" / "adapter", cfg.backbone.path, lora_config=cfg.lora)
     if cfg.lora.get("merge"):  # fold the adapters into the backbone: same logits, no adapter cost in evaluation
         from gemma_fusion.training.adapters import merge_lora
 

@@ -50,7 +50,6 @@ run int4_native backbone.quant=int4
 run int8_torchao backbone.quant=int8 backbone.quant_backend=torchao
 run int4_torchao backbone.quant=int4 backbone.quant_backend=torchao
 run compile model.compile=true
-run grad_ckpt model.gradient_checkpointing=true
 # Memory of the frozen base: a random Gemma-4-shaped backbone (hidden 2048, 8 layers, global head dim 512)
 ${PYTHON:-python3} - "$RUNS/mid" <<'EOF'
 import sys, torch

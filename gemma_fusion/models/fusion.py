@@ -73,6 +73,9 @@ class FusionModel(nn.Module):
         self.bidirectional_image = bidirectional_image
         self.bidirectional_audio = bidirectional_audio
         self.tokenizer = tokenizer
+        # Run a projector on a dummy token when its modality is absent from a batch (training only), so every
+        # process runs the same modules every step: FSDP's per-module collectives must match across ranks.
+        self.run_idle_projectors = False
         for name, proj in (("vision", vision), ("audio", audio)):
             out = getattr(proj, "out_dim", None)
             if out is not None and out != backbone.hidden_size:
@@ -128,6 +131,8 @@ class FusionModel(nn.Module):
             feats = self.vision(pixel_values, image_position_ids)  # N, P, H
             feats = feats[(image_position_ids != -1).all(-1)]  # valid patches only: sum(P_i), H
             embeds = _scatter(embeds, image_slots, feats, "image")
+        else:
+            embeds = self._run_idle(self.vision, embeds)
         if input_features is not None and input_features.numel():
             if self.audio is None:
                 raise ValueError("The batch has audio but the model has no audio projector (model/audio=none).")
@@ -135,12 +140,21 @@ class FusionModel(nn.Module):
             if input_features_mask is not None:
                 feats = feats[input_features_mask.bool()]  # valid frames only: sum(T_i), H
             embeds = _scatter(embeds, audio_slots, feats.reshape(-1, feats.shape[-1]), "audio")
+        else:
+            embeds = self._run_idle(self.audio, embeds)
         is_block = torch.zeros_like(image_slots)
         if self.bidirectional_image:
             is_block |= image_slots
         if self.bidirectional_audio:
             is_block |= audio_slots
         return embeds, block_ids_from(is_block)
+
+    def _run_idle(self, projector: nn.Module | None, embeds: torch.Tensor) -> torch.Tensor:
+        """With `run_idle_projectors` (training): a projector whose modality the batch lacks runs on a dummy
+        token, with zero weight in the result, in the same order as always (FSDP: the same collectives)."""
+        if projector is None or not (self.run_idle_projectors and self.training and torch.is_grad_enabled()):
+            return embeds
+        return embeds + 0.0 * projector(*projector.idle_inputs(embeds.device)).sum().to(embeds.dtype)
 
     def forward(
         self,

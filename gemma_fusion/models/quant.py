@@ -91,12 +91,26 @@ class QuantizedLinear(nn.Module):
         return self.qweight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantize()
-        return F.linear(x.to(weight.dtype), weight, None if self.bias is None else self.bias.to(weight.dtype))
+        out = _DequantizedMatmul.apply(x.to(self.scale.dtype), self)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
+
+
+class _DequantizedMatmul(torch.autograd.Function):
+    """x @ W^T with W dequantised in forward and again in backward: autograd keeps no full-precision copy of
+    W between the two (F.linear would save it, and a quantised backbone would then cost more than a bf16 one)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize())
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out @ ctx.layer.dequantize().to(grad_out.dtype), None  # W is frozen: no weight gradient
 
 
 def frozen_linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:

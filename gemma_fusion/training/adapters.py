@@ -46,7 +46,7 @@ def _injected_config(decoder: nn.Module) -> LoraConfig:
 
 
 def save_peft_adapter(model: FusionModel, out_dir: str | Path, backbone_path: str | Path | None = None,
-                      lora_config: Mapping | None = None, state: Mapping[str, torch.Tensor] | None = None) -> Path:
+                      lora_config: Mapping | None = None) -> Path:
     """Write `out_dir/adapter_config.json` + `out_dir/adapter_model.safetensors` (peft's format) and return out_dir.
 
     Args:
@@ -55,8 +55,6 @@ def save_peft_adapter(model: FusionModel, out_dir: str | Path, backbone_path: st
         backbone_path: recorded as `base_model_name_or_path`.
         lora_config: the `lora` config node (`r`, `alpha`, `dropout`, `target_modules`, `use_dora`); it must
             describe the adapters the model carries. None: taken from the injected adapters.
-        state: the model's trainable tensors by FusionModel name when they are not its own (gathered from
-            FSDP shards); None: read from the model.
     Only the adapters are written: trained projectors stay in `trainable.safetensors`.
     """
     injected = _injected_config(model.backbone.decoder)
@@ -76,9 +74,7 @@ def save_peft_adapter(model: FusionModel, out_dir: str | Path, backbone_path: st
                          f"adapters the model carries {actual}; pass the config the model was built with.")
     path = decoder_path(model)
     prefix = f"base_model.model.{path}." if path else "base_model.model."
-    inner = "backbone.decoder."
-    decoder_state = None if state is None else {k[len(inner):]: v for k, v in state.items() if k.startswith(inner)}
-    tensors = get_peft_model_state_dict(model.backbone.decoder, state_dict=decoder_state, adapter_name=ADAPTER)
+    tensors = get_peft_model_state_dict(model.backbone.decoder, adapter_name=ADAPTER)
     tensors = {prefix + key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

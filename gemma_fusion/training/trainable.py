@@ -26,10 +26,14 @@ def trainable_names(model: nn.Module) -> set[str]:
 
 def add_lora(decoder: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str],
              use_dora: bool = False) -> None:
-    """Inject peft LoRA adapters into the backbone's decoder (in place)."""
+    """Inject peft LoRA adapters into the backbone's decoder (in place), in float32 whatever the backbone's dtype:
+    peft creates them in the base layer's dtype, and bf16 adapters would lose small AdamW updates to rounding."""
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         use_dora=use_dora)
     inject_adapter_in_model(config, decoder)
+    for name, param in decoder.named_parameters():
+        if "lora_" in name and param.is_floating_point():
+            param.data = param.data.float()
 
 
 def part_of(name: str) -> str:

@@ -126,3 +126,18 @@ def test_bad_quant_settings_are_refused(tiny_gemma4_dir, tiny_demo_dir):
         build_model(_cfg(tiny_gemma4_dir, tiny_demo_dir, "backbone.quant=int3"))
     with pytest.raises(UserError, match="lora.merge=true"):
         build_model(_cfg(tiny_gemma4_dir, tiny_demo_dir, "backbone.quant=int8", "lora.merge=true"))
+
+
+def test_backward_keeps_no_full_precision_weight():
+    """Between forward and backward autograd holds the input, never a dequantised weight."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 512, bias=False)
+    quant = QuantizedLinear(linear, 8)
+    x = torch.randn(4, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = quant(x)
+    assert (512, 256) not in saved and (256, 512) not in saved
+    out.sum().backward()
+    expected = torch.ones(4, 512) @ quant.dequantize()
+    assert torch.allclose(x.grad, expected, atol=1e-5)

@@ -15,18 +15,29 @@ def tiny_demo_dir(tmp_path_factory):
                             samples_per_shard=8, num_workers=1, progress=False)
 
 
+@pytest.fixture(scope="session")
+def even_demo_dir(tmp_path_factory):
+    """4 train shards of 6 samples (two per rank: both ranks of a 2-process run have data for every step) and
+    2 val shards (an evaluation that read only rank 0's share would report n = 6, not 12)."""
+    from gemma_fusion.data.demo import ensure_demo_data
+
+    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo", train_per_task=8, val_per_task=4,
+                            samples_per_shard=6, num_workers=1, progress=False)
+
+
+def compose_train(backbone, demo, *overrides: str):
+    """train.yaml on `backbone` and the demo data in `demo`, shrunk to seconds of CPU."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=[
+            f"backbone.path={backbone}", "~backbone.pretrain",
+            f"data.train={demo}/train", f"data.val={demo}/val", "data.prepare_demo=false",
+            "data.batch_size=4", "data.eval_batch_size=4", "data.num_workers=0", "data.shuffle_buffer=0",
+            "data.image_tokens=8", "trainer.max_steps=3", "trainer.enable_progress_bar=false",
+            "optim.warmup_steps=1", "checkpoint.every_n_steps=0", *overrides,
+        ])
+
+
 @pytest.fixture
 def make_cfg(tiny_gemma4_dir, tiny_demo_dir):
     """Returns compose(overrides) -> DictConfig of train.yaml shrunk to seconds of CPU."""
-
-    def _make(*overrides: str):
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose("train", overrides=[
-                f"backbone.path={tiny_gemma4_dir}", "~backbone.pretrain",
-                f"data.train={tiny_demo_dir}/train", f"data.val={tiny_demo_dir}/val", "data.prepare_demo=false",
-                "data.batch_size=4", "data.eval_batch_size=4", "data.num_workers=0", "data.shuffle_buffer=0",
-                "data.image_tokens=8", "trainer.max_steps=3", "trainer.enable_progress_bar=false",
-                "optim.warmup_steps=1", "checkpoint.every_n_steps=0", *overrides,
-            ])
-
-    return _make
+    return lambda *overrides: compose_train(tiny_gemma4_dir, tiny_demo_dir, *overrides)

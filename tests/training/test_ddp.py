@@ -25,16 +25,6 @@ STEPS = 3
 TABLE_HEADER = "task             n"
 
 
-@pytest.fixture(scope="module")
-def even_demo_dir(tmp_path_factory):
-    """4 train shards of 6 samples (two per rank: both ranks have data for every step) and 2 val shards
-    (an evaluation that read only rank 0's share would report n = 6, not 12)."""
-    from gemma_fusion.data.demo import ensure_demo_data
-
-    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo", train_per_task=8, val_per_task=4,
-                            samples_per_shard=6, num_workers=1, progress=False)
-
-
 def _launch(launcher: str, cwd: Path, backbone: Path, demo: Path, *extra: str) -> subprocess.CompletedProcess:
     overrides = [
         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",

@@ -94,3 +94,10 @@ def test_a_resumed_run_continues_the_same_wandb_run(make_cfg, tmp_path):
     other = [lg for lg in build_loggers(cfg, tmp_path / "other") if type(lg).__name__ == "WandbLogger"][0]
     assert first._id == again._id == (tmp_path / "wandb_run_id").read_text() != other._id
     assert os.environ.get("WANDB_MODE") in ("offline", "online")
+
+
+def test_adapters_and_projectors_train_in_float32_on_a_bf16_backbone(make_cfg):
+    model = build_model(make_cfg("backbone.dtype=bfloat16"))
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable) and set(trainable.values()) == {torch.float32}
+    assert {p.dtype for p in model.backbone.decoder.layers[0].self_attn.q_proj.base_layer.parameters()} == {torch.bfloat16}

@@ -5,6 +5,8 @@ scale-free RMSNorm -> Linear. Parameter names equal `embed_audio.*` of a Gemma 4
 """
 from __future__ import annotations
 
+import torch
+
 from gemma_fusion.models.projectors.norms import MultimodalEmbedder
 
 
@@ -23,3 +25,7 @@ class AudioFrameProjector(MultimodalEmbedder):
         super().__init__(frame_dim, out_dim, eps)
         self.frame_dim = frame_dim
         self.out_dim = out_dim
+
+    def idle_inputs(self, device) -> tuple[torch.Tensor]:
+        """One silent frame: what the model runs when a batch has no audio (FSDP)."""
+        return (torch.zeros(1, 1, self.frame_dim, device=device),)

@@ -50,6 +50,10 @@ class PatchEmbedder(nn.Module):
         self.multimodal_embedder = MultimodalEmbedder(embed_dim, out_dim, eps)
         self.out_dim = out_dim
 
+    def idle_inputs(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One blank patch at position (0, 0): what the model runs when a batch has no image (FSDP)."""
+        return (torch.zeros(1, 1, self.patch_dim, device=device), torch.zeros(1, 1, 2, dtype=torch.long, device=device))
+
     def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         x = pixel_values.to(self.patch_dense.weight.dtype)
         x = self.patch_ln2(self.patch_dense(self.patch_ln1(x)))  # B, P, patch_dim -> B, P, E

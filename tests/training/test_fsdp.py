@@ -1,0 +1,107 @@
+"""FSDP with 2 CPU processes (gloo): a bf16 frozen backbone sharded next to fp32 projectors and adapters.
+
+Runs train.py with `trainer=fsdp` through Lightning's launcher and FSDPStrategy (tests/training/cpu_fsdp.py
+only lets it run on CPU). One batch holds one modality, so the two ranks run different projectors in a
+step unless idle ones run too: FSDP's per-module collectives would then mismatch and the run would hang.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gemma_fusion.models.build import build_model
+from tests.training.conftest import compose_train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fsdp_run(run_dir: Path, backbone: Path, demo: Path, *extra: str) -> subprocess.CompletedProcess:
+    overrides = [
+        "trainer=fsdp", "trainer.strategy._target_=tests.training.cpu_fsdp.CPUFSDPStrategy",
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "backbone.dtype=bfloat16",
+        f"backbone.path={backbone}", "~backbone.pretrain", f"data.train={demo}/train", f"data.val={demo}/val",
+        "data.prepare_demo=false", "data.resampled=false", "data.num_workers=0", "data.shuffle_buffer=0",
+        "data.batch_size=2", "data.eval_batch_size=4", "data.image_tokens=8", "data.cache_gb=0",
+        "trainer.enable_progress_bar=false", "optim.warmup_steps=1", "checkpoint.every_n_steps=2",
+        "resume=auto", f"hydra.run.dir={run_dir}", *extra,
+    ]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "SLURM_NTASKS", "HYDRA_FULL_ERROR")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], cwd=run_dir.parent, env=env,
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in out, out[-4000:]
+    return proc
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def test_fsdp_trains_checkpoints_resumes_and_gathers_whole_weights(tiny_gemma4_dir, even_demo_dir, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    # the first segment of `split` stops after 3 steps on the same 6-step schedule; the second resumes from step 2
+    _fsdp_run(whole, tiny_gemma4_dir, even_demo_dir, "trainer.max_steps=6", "eval_after_train=false")
+    _fsdp_run(split, tiny_gemma4_dir, even_demo_dir, "trainer.max_steps=3", "optim.schedule_steps=6",
+              "eval_after_train=false")
+    proc = _fsdp_run(split, tiny_gemma4_dir, even_demo_dir, "trainer.max_steps=6")
+
+    # exact resume under FSDP: the same per-step losses as the uninterrupted run
+    expected, got = _losses(whole), _losses(split)
+    assert sorted(got) == sorted(expected) == list(range(6))
+    assert max(abs(got[s] - expected[s]) for s in expected) <= 1e-6
+
+    # checkpoints and the final export hold whole trainable tensors (not one rank's shards) under clean names
+    model = build_model(compose_train(tiny_gemma4_dir, even_demo_dir, "backbone.dtype=bfloat16"))
+    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    final = load_file(split / "final" / "trainable.safetensors")
+    assert {k: v.shape for k, v in final.items()} == shapes
+    state = torch.load(sorted((split / "checkpoints").glob("*.ckpt"))[-1], weights_only=True)["state_dict"]
+    assert {k.removeprefix("net."): v.shape for k, v in state.items()} == shapes
+    reference = load_file(whole / "final" / "trainable.safetensors")
+    assert all(torch.allclose(final[k], reference[k], atol=1e-6) for k in final)
+
+    adapter = load_file(split / "final" / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(torch.equal(v, final[k.replace("base_model.model.model.language_model.",
+                                                          "backbone.decoder.").replace(".weight", ".default.weight")])
+                           for k, v in adapter.items())
+    # rank 0 evaluated a whole copy rebuilt from the run directory, on all of val
+    assert json.loads((split / "eval.json").read_text())["overall"]["n"] == 12
+    assert proc.stdout.count("task             n") == 1
+
+
+def _units_have_one_dtype(model, policy) -> bool:
+    """Each parameter belongs to its innermost FSDP unit (the root for none); does every unit hold one dtype?"""
+    units, dtypes = {id(m) for m in model.modules() if policy._lambda_fn(m)}, {}
+
+    def assign(module, unit):
+        unit = id(module) if id(module) in units else unit
+        for p in module.parameters(recurse=False):
+            dtypes.setdefault(unit, set()).add(p.dtype)
+        for child in module.children():
+            assign(child, unit)
+
+    assign(model, None)
+    return all(len(found) == 1 for found in dtypes.values())
+
+
+def test_wrap_policy_gives_each_unit_one_dtype(tiny_gemma4_dir, even_demo_dir):
+    """FSDP flattens a unit into one tensor of one dtype: fp32 adapters and projectors get units of their own."""
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    from gemma_fusion.training.fsdp import auto_wrap_policy
+
+    model = build_model(compose_train(tiny_gemma4_dir, even_demo_dir, "backbone.dtype=bfloat16"))
+    layer = type(model.backbone.decoder.layers[0])
+    assert _units_have_one_dtype(model, auto_wrap_policy([f"{layer.__module__}.{layer.__name__}"]))
+    assert not _units_have_one_dtype(model, CustomPolicy(lambda m: isinstance(m, layer)))  # layers alone: mixed
