@@ -136,7 +136,10 @@ class FusionModel(nn.Module):
         if input_features is not None and input_features.numel():
             if self.audio is None:
                 raise ValueError("The batch has audio but the model has no audio projector (model/audio=none).")
-            feats = self.audio(input_features)  # N, T, H
+            if getattr(self.audio, "uses_mask", False):  # encoders that attend across frames skip the padding
+                feats = self.audio(input_features, input_features_mask)  # N, T, H
+            else:
+                feats = self.audio(input_features)  # N, T, H
             if input_features_mask is not None:
                 feats = feats[input_features_mask.bool()]  # valid frames only: sum(T_i), H
             embeds = _scatter(embeds, audio_slots, feats.reshape(-1, feats.shape[-1]), "audio")
