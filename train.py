@@ -40,6 +40,7 @@ def train(cfg: DictConfig, run_dir: Path):
     from lightning.pytorch.strategies import FSDPStrategy
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from gemma_fusion.training.compute import flat_metrics, write_compute_report
     from gemma_fusion.training.checkpointing import AtomicCheckpointIO, SignalCheckpoint, slurm_environment
     from gemma_fusion.training.module import FusionLitModule
 
@@ -68,6 +69,8 @@ def train(cfg: DictConfig, run_dir: Path):
                              peak_tflops=cfg.logger.get("peak_tflops"))
     callbacks = [DataBookkeeping(state, data.get("max_bad_fraction", 0.05), data.get("bad_check_after", 200)),
                  SignalCheckpoint(run_dir / "checkpoints"), *build_callbacks(cfg, run_dir)]
+    report = write_compute_report(run_dir, model, make_loader(to_plain(data.val), preprocess, data.eval_batch_size),
+                                  design_choices(cfg)) if rank_zero_only.rank == 0 else None
     ckpt_path = resume_path(cfg, run_dir)
     if ckpt_path and rank_zero_only.rank == 0:
         set_aside_metrics(run_dir)
@@ -75,6 +78,9 @@ def train(cfg: DictConfig, run_dir: Path):
                         default_root_dir=run_dir, logger=build_loggers(cfg, run_dir),
                         callbacks=callbacks, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                         plugins=[p for p in (AtomicCheckpointIO(), slurm_environment()) if p is not None])
+    if report is not None:
+        for logger in trainer.loggers:
+            logger.log_hyperparams(flat_metrics(report))
     try:
         trainer.fit(module, train_dataloaders=train_loader, ckpt_path=ckpt_path)
     except SIGTERMException:  # Lightning's own SIGTERM handling; SignalCheckpoint saved in on_exception
@@ -102,6 +108,18 @@ def train(cfg: DictConfig, run_dir: Path):
 
         merge_lora(model)
     return model
+
+
+def design_choices(cfg: DictConfig) -> dict:
+    """The design of each part, by config option name (`model/vision=…`) when Hydra composed the run."""
+    try:
+        choices = HydraConfig.get().runtime.choices
+    except ValueError:  # composed outside a Hydra app (tests): the projector classes
+        choices = {}
+    names = {group: choices.get(f"model/{group}") or (cfg.model.get(group) or {}).get("_target_", "none")
+             for group in ("vision", "audio")}
+    return {**names, "lora": choices.get("lora") or f"r={cfg.lora.get('r') or 0}", "backbone": str(cfg.backbone.path),
+            "quant": cfg.backbone.get("quant") or "none"}
 
 
 def planned_world_size(trainer_cfg) -> int:

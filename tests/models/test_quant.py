@@ -91,6 +91,9 @@ def test_lora_trains_on_a_quantized_backbone(tiny_gemma4_dir, tiny_demo_dir, qua
     assert not any(full_precision(m) for _, m in frozen_linears(decoder))  # every frozen Linear quantised ...
     lora_bases = [m.base_layer for n, m in decoder.named_modules() if hasattr(m, "base_layer")]
     assert lora_bases and not any(full_precision(b) for b in lora_bases)  # ... LoRA's base layers included
+    from gemma_fusion.training.compute import parameter_counts
+
+    assert parameter_counts(model) == parameter_counts(full)  # quantised weights still count as parameters
     ratio = tensor_bytes(decoder) / tensor_bytes(full.backbone.decoder)
     assert ratio < 0.75  # fp32 tiny model; embeddings and norms are not quantised
 

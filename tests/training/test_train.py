@@ -33,6 +33,15 @@ def test_train_then_eval_writes_the_run_directory(make_cfg, tmp_path):
     assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(k.startswith("vision.") for k in saved) and any("lora_" in k for k in saved)
     assert not any(k.startswith("backbone.") and "lora_" not in k for k in saved)
+    compute = json.loads((tmp_path / "compute.json").read_text())
+    counts = compute["parameters"]
+    assert counts["vision"]["trainable"] == sum(p.numel() for n, p in model.named_parameters() if n.startswith("vision."))
+    assert counts["backbone"]["trainable"] == 0 and counts["backbone"]["frozen"] > 0 and counts["lora"]["trainable"] > 0
+    flops = compute["forward_flops_per_sample"]
+    assert flops["vision"] > 0 and flops["audio"] > 0 and flops["backbone"] > 10 * flops["vision"]
+    assert flops["total"] == pytest.approx(flops["vision"] + flops["audio"] + flops["backbone"])
+    assert compute["tokens"]["per_image"] <= 8 and compute["tokens"]["per_audio_second"] == 16000 / model.audio.frame_dim
+    assert compute["designs"]["vision"].endswith("PatchEmbedder") and compute["samples_measured"] > 0
     adapter = tmp_path / "final" / "adapter"  # the adapters again, in peft's format (round trip: test_adapters.py)
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
 

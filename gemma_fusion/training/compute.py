@@ -1,0 +1,105 @@
+"""RUN/compute.json: what a design costs, so that comparisons between designs are compute-honest.
+
+- parameters per part (vision, audio, lora, backbone), trainable and frozen; a quantised frozen layer
+  counts its weights (in x out), whatever their storage;
+- soft tokens: per image, per second of audio, per sample;
+- forward FLOPs per sample, projector/encoder and backbone apart: the projectors are counted by
+  `FlopCounterMode` while they run on real samples (as preprocessed for this model), the backbone by
+  its analytical count (`models/flops.py`) over each sample's real length and target tokens.
+
+Measured on up to `max_samples` samples of the validation data (the same preprocessing as training).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gemma_fusion.models.flops import backbone_forward_flops, count_forward_flops
+from gemma_fusion.models.fusion import IGNORE_INDEX, pixels_to_unit
+from gemma_fusion.models.quant import QuantizedLinear
+from gemma_fusion.training.trainable import PARTS, clean_name, part_of
+
+log = logging.getLogger(__name__)
+SAMPLE_RATE = 16_000
+
+
+def parameter_counts(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{part: {"trainable": n, "frozen": n}}; quantised layers (buffers, not parameters) count their weights."""
+    counts = {part: {"trainable": 0, "frozen": 0} for part in PARTS}
+    for name, param in model.named_parameters():
+        counts[part_of(clean_name(name))]["trainable" if param.requires_grad else "frozen"] += param.numel()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            counts[part_of(clean_name(name) + ".weight")]["frozen"] += module.in_features * module.out_features
+    return counts
+
+
+@torch.no_grad()
+def measure(model, loader, max_samples: int = 32) -> dict:
+    """Soft tokens and forward FLOPs per sample over the first `max_samples` samples of `loader`."""
+    text_config = model.backbone.text_config
+    totals = dict(samples=0, images=0, image_tokens=0, audio_seconds=0.0, audio_tokens=0, tokens=0,
+                  vision=0, audio=0, backbone=0)
+    for batch in loader:
+        mask, labels = batch["attention_mask"], batch["labels"]
+        for length, row in zip(mask.sum(1).tolist(), labels):
+            targets = int((row[1:] != IGNORE_INDEX).sum())
+            totals["backbone"] += backbone_forward_flops(text_config, int(length), targets)["total"]
+        totals["tokens"] += int(mask.sum())
+        totals["samples"] += mask.shape[0]
+        pixels = batch.get("pixel_values")
+        if model.vision is not None and pixels is not None and pixels.numel():
+            positions = batch["image_position_ids"]
+            pixels = pixels_to_unit(pixels) if not pixels.is_floating_point() else pixels
+            totals["vision"] += count_forward_flops(model.vision, pixels, positions)
+            totals["images"] += pixels.shape[0]
+            totals["image_tokens"] += int((positions != -1).all(-1).sum())
+        frames = batch.get("input_features")
+        if model.audio is not None and frames is not None and frames.numel():
+            frame_mask = batch.get("input_features_mask")
+            args = (frames, frame_mask) if getattr(model.audio, "uses_mask", False) else (frames,)
+            totals["audio"] += count_forward_flops(model.audio, *args)
+            real = int(frame_mask.sum()) if frame_mask is not None else frames.shape[0] * frames.shape[1]
+            totals["audio_tokens"] += real
+            totals["audio_seconds"] += real * model.audio.frame_dim / SAMPLE_RATE
+        if totals["samples"] >= max_samples:
+            break
+    n = max(1, totals["samples"])
+    flops = {part: totals[part] / n for part in ("vision", "audio", "backbone")}
+    flops["total"] = sum(flops.values())
+    return {
+        "samples_measured": totals["samples"],
+        "tokens": {
+            "per_sample": totals["tokens"] / n,
+            "per_image": totals["image_tokens"] / totals["images"] if totals["images"] else None,
+            "per_audio_second": SAMPLE_RATE / model.audio.frame_dim if model.audio is not None else None,
+        },
+        "forward_flops_per_sample": flops,
+    }
+
+
+def write_compute_report(run_dir: Path, model, loader, designs: dict, max_samples: int = 32) -> dict:
+    """Write RUN/compute.json (see the module docstring) and return it."""
+    report = {"designs": designs, "parameters": parameter_counts(model), **measure(model, loader, max_samples)}
+    path = Path(run_dir) / "compute.json"
+    path.write_text(json.dumps(report, indent=2))
+    flops = report["forward_flops_per_sample"]
+    log.info("compute: %.3g forward FLOPs per sample (vision %.3g, audio %.3g, backbone %.3g) -> %s",
+             flops["total"], flops["vision"], flops["audio"], flops["backbone"], path)
+    return report
+
+
+def flat_metrics(report: dict) -> dict[str, float]:
+    """The report as flat `compute/...` numbers, for loggers."""
+    out = {}
+    for part, counts in report["parameters"].items():
+        for kind, n in counts.items():
+            out[f"compute/params_{part}_{kind}"] = float(n)
+    for key, value in {**report["tokens"], **{f"flops_{k}": v for k, v in report["forward_flops_per_sample"].items()}}.items():
+        if value is not None:
+            out[f"compute/{key}"] = float(value)
+    return out
