@@ -46,11 +46,13 @@ def part_of(name: str) -> str:
 
 
 def set_trainable(model: nn.Module) -> dict[str, dict[str, int]]:
-    """Projectors and LoRA train; the backbone is frozen. Returns and logs counts per part."""
+    """Projectors and LoRA train; the backbone is frozen, and so is any module of a projector marked
+    `keep_frozen = True` (a pretrained encoder tower used as is). Returns and logs counts per part."""
     counts = {p: {"trainable": 0, "total": 0} for p in PARTS}
+    kept = {id(p) for m in model.modules() if getattr(m, "keep_frozen", False) for p in m.parameters()}
     for name, param in model.named_parameters():
         part = part_of(name)
-        param.requires_grad_(part != "backbone")
+        param.requires_grad_(part != "backbone" and id(param) not in kept)
         counts[part]["total"] += param.numel()
         counts[part]["trainable"] += param.numel() if param.requires_grad else 0
     for part, c in counts.items():

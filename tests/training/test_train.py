@@ -110,3 +110,14 @@ def test_adapters_and_projectors_train_in_float32_on_a_bf16_backbone(make_cfg):
     trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_" in n for n in trainable) and set(trainable.values()) == {torch.float32}
     assert {p.dtype for p in model.backbone.decoder.layers[0].self_attn.q_proj.base_layer.parameters()} == {torch.bfloat16}
+
+
+def test_a_projector_module_marked_keep_frozen_stays_frozen(make_cfg):
+    from gemma_fusion.training.trainable import set_trainable
+
+    model = build_model(make_cfg())
+    model.vision.patch_dense.keep_frozen = True
+    counts = set_trainable(model)
+    assert not model.vision.patch_dense.weight.requires_grad and model.vision.patch_ln1.weight.requires_grad
+    frozen = sum(p.numel() for p in model.vision.patch_dense.parameters())
+    assert counts["vision"]["total"] - counts["vision"]["trainable"] == frozen
