@@ -28,43 +28,45 @@ def test_finetune_without_a_first_stage_is_refused(make_cfg, tmp_path):
         build_model(make_cfg("experiment=finetune", f"model.init_from={tmp_path}"))
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(make_cfg):
+def _same_losses_and_gradients(make_cfg, option: str, batches: int, atol: float, check=None) -> None:
+    """Build the model with `option=false` and `option=true` from the same seed, run `batches` batches
+    forward and backward, and compare the losses and the accumulated gradients."""
     from gemma_fusion.data.pipeline import make_loader, preprocessor_for
 
     results = []
-    for flag in ("false", "true"):
+    for flag in (False, True):
         torch.manual_seed(0)
-        cfg = make_cfg(f"model.gradient_checkpointing={flag}")
+        cfg = make_cfg(f"{option}={str(flag).lower()}")
         model = build_model(cfg).train()
+        done = check(model, flag) if check else None
+        loader = iter(make_loader(cfg.data.train, preprocessor_for(model, 8), 4))
+        losses = []
+        for _ in range(batches):
+            loss = model(**next(loader)).loss
+            loss.backward()
+            losses.append(loss.detach())
+        if done:
+            done()
+        results.append((torch.stack(losses), {n: p.grad.clone() for n, p in model.named_parameters()
+                                              if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=atol) and grads_a.keys() == grads_b.keys() and grads_a
+    assert all(torch.allclose(grads_a[k], grads_b[k], atol=atol) for k in grads_a)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(make_cfg):
+    def count_calls(model, flag):
         calls = []
         model.backbone.decoder.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
-        batch = next(iter(make_loader(cfg.data.train, preprocessor_for(model, 8), 4)))
-        loss = model(**batch).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-        assert len(calls) == (2 if flag == "true" else 1)  # checkpointed: recomputed once in backward
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    assert torch.allclose(loss_a, loss_b, atol=1e-6) and grads_a.keys() == grads_b.keys() and grads_a
-    assert all(torch.allclose(grads_a[k], grads_b[k], atol=1e-6) for k in grads_a)
+        return lambda: len(calls) == (2 if flag else 1) or pytest.fail(f"{len(calls)} calls")  # recomputed once
+
+    _same_losses_and_gradients(make_cfg, "model.gradient_checkpointing", 1, 1e-6, count_calls)
 
 
 def test_compiled_layers_give_the_same_loss_and_gradients(make_cfg):
-    """model.compile=true: inductor-compiled decoder layers (about a minute of compilation on 2 cores)."""
-    from gemma_fusion.data.pipeline import make_loader, preprocessor_for
+    """model.compile=true: inductor-compiled decoder layers (about a minute of compilation on 2 cores); two
+    batches of different lengths: one dynamic graph serves both."""
+    def compiled(model, flag):
+        assert all(layer._compiled_call_impl is not None for layer in model.backbone.decoder.layers) == flag
 
-    results = []
-    for flag in ("false", "true"):
-        torch.manual_seed(0)
-        cfg = make_cfg(f"model.compile={flag}")
-        model = build_model(cfg).train()
-        assert all(layer._compiled_call_impl is not None for layer in model.backbone.decoder.layers) == (flag == "true")
-        loader = iter(make_loader(cfg.data.train, preprocessor_for(model, 8), 4))
-        steps = []
-        for _ in range(2):  # two batches of different lengths: one dynamic graph serves both
-            loss = model(**next(loader)).loss
-            loss.backward()
-            steps.append(loss.detach())
-        results.append((steps, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    assert torch.allclose(torch.stack(loss_a), torch.stack(loss_b), atol=1e-5) and grads_a.keys() == grads_b.keys()
-    assert all(torch.allclose(grads_a[k], grads_b[k], atol=1e-5) for k in grads_a)
+    _same_losses_and_gradients(make_cfg, "model.compile", 2, 1e-5, compiled)
