@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from gemma_fusion.models.quant import QuantizedLinear
+
 GEMMA4 = "gemma4_unified_text"
 LLAMA_STYLE = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"})
 
@@ -113,7 +115,7 @@ def _module_macs(decoder: nn.Module) -> tuple[int, int]:
     head = decoder.get_output_embeddings() if hasattr(decoder, "get_output_embeddings") else None
     skip.add(id(head))
     base = sum(m.in_features * m.out_features for m in decoder.modules()
-               if isinstance(m, nn.Linear) and id(m) not in skip)
+               if isinstance(m, (nn.Linear, QuantizedLinear)) and id(m) not in skip)
     return base, sum(_lora_macs(layer) for layer in lora)
 
 
