@@ -5,6 +5,7 @@ import logging
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from gemma_fusion.models.backbone import load_backbone
 from gemma_fusion.errors import UserError
@@ -22,7 +23,11 @@ def build_projector(node: DictConfig | None, hidden: int, ckpt_args: dict, ckpt_
     """
     if node is None or "_target_" not in node:
         return None
-    args = OmegaConf.to_container(node, resolve=True)
+    try:
+        args = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        raise UserError(f"model/{name}: {err.full_key} must be set (e.g. model.{name}.{err.full_key.split('.')[-1]}"
+                        "=/path/to/it).") from err
     from_ckpt = args.pop("init_from_checkpoint", True)
     out_dim = args.pop("out_dim", None) or hidden  # FusionModel rejects a width that is not the backbone's
     for key, value in list(args.items()):

@@ -20,6 +20,8 @@ def trains_alone(module: nn.Module) -> bool:
 
 
 def auto_wrap_policy(layer_classes: list[str]) -> CustomPolicy:
-    """One FSDP unit per decoder layer (`layer_classes`: dotted class paths) and per trainable module."""
+    """One FSDP unit per decoder layer (`layer_classes`: dotted class paths), per trainable module and per
+    frozen encoder tower of a projector (`keep_frozen`)."""
     classes = tuple(get_class(path) for path in layer_classes)
-    return CustomPolicy(lambda module: isinstance(module, classes) or trains_alone(module))
+    return CustomPolicy(lambda module: isinstance(module, classes) or trains_alone(module)
+                        or getattr(module, "keep_frozen", False))  # a frozen fp32 encoder tower: its own unit

@@ -1,5 +1,15 @@
-"""Projector families, one file each: modality inputs -> backbone embedding width."""
+"""Projector families, one file each: modality inputs -> backbone embedding width.
+
+Vision (`model/vision=`): patch_ef (Gemma 4) and the designs in vision_designs.py; audio (`model/audio=`):
+audio_frames (Gemma 4) and the designs in audio_designs.py.
+"""
+from gemma_fusion.models.projectors.audio_designs import (FrameStackProjector, HFAudioProjector,
+                                                          MelConformerProjector, WaveConvProjector)
 from gemma_fusion.models.projectors.audio_frames import AudioFrameProjector
+from gemma_fusion.models.projectors.vision_designs import (ConvStemProjector, HFVisionProjector, LinearPatchProjector,
+                                                           MLPPatchProjector, PixelShuffleProjector, ViTProjector)
 from gemma_fusion.models.projectors.vision_patch import PatchEmbedder
 
-__all__ = ["AudioFrameProjector", "PatchEmbedder"]
+__all__ = ["AudioFrameProjector", "ConvStemProjector", "FrameStackProjector", "HFAudioProjector", "HFVisionProjector",
+           "LinearPatchProjector", "MLPPatchProjector", "MelConformerProjector", "PatchEmbedder",
+           "PixelShuffleProjector", "ViTProjector", "WaveConvProjector"]
