@@ -31,6 +31,8 @@ print(json.dumps(result), flush=True)
 EOF
 }
 
+want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }  # ONLY="quant mid fsdp": a subset of the groups
+
 run() {  # name, overrides... (TRAINER: the trainer group, gpu by default; RUN_DIR: the run directory)
   local name=$1; shift
   local start=$SECONDS dir=${RUN_DIR:-$RUNS/$name}
@@ -42,14 +44,16 @@ run() {  # name, overrides... (TRAINER: the trainer group, gpu by default; RUN_D
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 ${PYTHON:-python3} -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-${PYTHON:-python3} train.py experiment=smoke trainer.max_steps=1 eval_after_train=false hydra.run.dir="$RUNS/prepare" >/dev/null 2>&1
 rm -f "$OUT/gpu_train_check.jsonl"
-run bf16
-run int8_native backbone.quant=int8
-run int4_native backbone.quant=int4
-run int8_torchao backbone.quant=int8 backbone.quant_backend=torchao
-run int4_torchao backbone.quant=int4 backbone.quant_backend=torchao
-run compile model.compile=true
+if want quant; then
+  run bf16
+  run int8_native backbone.quant=int8
+  run int4_native backbone.quant=int4
+  run int8_torchao backbone.quant=int8 backbone.quant_backend=torchao
+  run int4_torchao backbone.quant=int4 backbone.quant_backend=torchao
+fi
+want compile && run compile model.compile=true
+if want mid; then
 # Memory of the frozen base: a random Gemma-4-shaped backbone (hidden 2048, 8 layers, global head dim 512)
 ${PYTHON:-python3} - "$RUNS/mid" <<'EOF'
 import sys, torch
@@ -64,6 +68,8 @@ EOF
 for q in none int8 int4; do
   run "mid_$q" backbone.path="$RUNS/mid" '~backbone.pretrain' backbone.quant=$q trainer.max_steps=30
 done
+fi
+want fsdp || exit 0
 # FSDP: stop at 30 with a checkpoint every 10, resume to 60, final weights gathered, evaluation on a rebuilt copy
 TRAINER=fsdp RUN_DIR=$RUNS/fsdp run fsdp_part1 trainer.devices=1 trainer.max_steps=30 checkpoint.every_n_steps=10
 TRAINER=fsdp RUN_DIR=$RUNS/fsdp run fsdp_resumed trainer.devices=1 checkpoint.every_n_steps=10 resume=auto eval_after_train=true
