@@ -122,6 +122,9 @@ class DataStats:
         return {"source": f"{epoch}/{rank}/{worker}", "ok": self.ok, "skipped": dict(self.skipped)}
 
 
+FILTERED_REASONS = frozenset({"no_vision", "no_audio"})
+
+
 class StatsTotals:
     """Sums the latest `DataStats` snapshot of every loader process (they are cumulative)."""
 
@@ -143,6 +146,12 @@ class StatsTotals:
             total.update(s["skipped"])
         return total
 
+    @property
+    def bad(self) -> Counter:
+        """Skips for bad data; samples of a modality the model was built without (`no_vision`, `no_audio`) are
+        left out on purpose (a vision-only run on mixed data), not bad."""
+        return Counter({r: n for r, n in self.skipped.items() if r not in FILTERED_REASONS})
+
     def bad_fraction(self) -> float:
-        bad = sum(self.skipped.values())
+        bad = sum(self.bad.values())
         return bad / max(1, bad + self.ok)

@@ -132,12 +132,12 @@ class DataBookkeeping(Callback):
         self.state.mark(batch["meta"], batch.get("position"))
         self.totals.update(batch.get("stats"))
         skipped = self.totals.skipped
-        bad = sum(skipped.values())
-        metrics = {"data/skipped": float(bad), "data/samples_ok": float(self.totals.ok)}
+        metrics = {"data/skipped": float(sum(skipped.values())), "data/samples_ok": float(self.totals.ok)}
         metrics.update({f"data/skipped_{reason}": float(n) for reason, n in skipped.items()})
         pl_module.log_dict(metrics, on_step=True, batch_size=len(batch["meta"]))
+        bad = sum(self.totals.bad.values())
         if bad + self.totals.ok >= self.check_after and self.totals.bad_fraction() > self.max_bad_fraction:
-            reasons = ", ".join(f"{r}: {n}" for r, n in skipped.most_common())
+            reasons = ", ".join(f"{r}: {n}" for r, n in self.totals.bad.most_common())
             raise UserError(
                 f"{bad} of {bad + self.totals.ok} samples so far were bad ({reasons}), more than "
                 f"data.max_bad_fraction={self.max_bad_fraction}; check the data with `python -m "

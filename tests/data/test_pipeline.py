@@ -64,3 +64,12 @@ def test_token_budget_batches():
     assert all(b["input_ids"].numel() <= 200 for b in batches)
     assert sum(len(b["meta"]) for b in batches) == 200
     assert len({b["input_ids"].shape[0] for b in batches}) > 1  # the count per batch follows the lengths
+
+
+def test_samples_of_a_modality_the_model_lacks_are_not_bad_data():
+    from gemma_fusion.data.state import StatsTotals
+
+    totals = StatsTotals()
+    totals.update({"source": "w0", "ok": 60, "skipped": {"no_audio": 30, "image_undecodable": 10}})
+    assert sum(totals.skipped.values()) == 40 and dict(totals.bad) == {"image_undecodable": 10}
+    assert totals.bad_fraction() == 10 / 70
