@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from gemma_fusion.models.flops import backbone_forward_flops, count_forward_flops
-from gemma_fusion.models.fusion import IGNORE_INDEX, pixels_to_unit
+from gemma_fusion.models.fusion import AUDIO, IGNORE_INDEX, IMAGE, pixels_to_unit
 from gemma_fusion.models.quant import QuantizedLinear
 from gemma_fusion.training.trainable import PARTS, clean_name, part_of
 
@@ -39,12 +39,13 @@ def parameter_counts(model: nn.Module) -> dict[str, dict[str, int]]:
 
 
 @torch.no_grad()
-def measure(model, loader, max_samples: int = 32) -> dict:
-    """Soft tokens and forward FLOPs per sample over the first `max_samples` samples of `loader`."""
+def measure(model, loader, max_samples: int = 32, max_batches: int = 100) -> dict:
+    """Soft tokens and forward FLOPs per sample, read until `max_samples` samples of each modality the model
+    takes were seen (or the data, or `max_batches`, ran out): data sorted by task still gives both."""
     text_config = model.backbone.text_config
-    totals = dict(samples=0, images=0, image_tokens=0, audio_seconds=0.0, audio_tokens=0, tokens=0,
-                  vision=0, audio=0, backbone=0)
-    for batch in loader:
+    totals = dict(samples=0, images=0, image_samples=0, image_tokens=0, audio_seconds=0.0, audio_samples=0,
+                  audio_tokens=0, tokens=0, vision=0, audio=0, backbone=0)
+    for batches, batch in enumerate(loader, 1):
         mask, labels = batch["attention_mask"], batch["labels"]
         for length, row in zip(mask.sum(1).tolist(), labels):
             targets = int((row[1:] != IGNORE_INDEX).sum())
@@ -57,6 +58,7 @@ def measure(model, loader, max_samples: int = 32) -> dict:
             pixels = pixels_to_unit(pixels) if not pixels.is_floating_point() else pixels
             totals["vision"] += count_forward_flops(model.vision, pixels, positions)
             totals["images"] += pixels.shape[0]
+            totals["image_samples"] += int((batch["mm_token_type_ids"] == IMAGE).any(1).sum())
             totals["image_tokens"] += int((positions != -1).all(-1).sum())
         frames = batch.get("input_features")
         if model.audio is not None and frames is not None and frames.numel():
@@ -66,19 +68,28 @@ def measure(model, loader, max_samples: int = 32) -> dict:
             real = int(frame_mask.sum()) if frame_mask is not None else frames.shape[0] * frames.shape[1]
             totals["audio_tokens"] += real
             totals["audio_seconds"] += real * model.audio.frame_dim / SAMPLE_RATE
-        if totals["samples"] >= max_samples:
+            totals["audio_samples"] += int((batch["mm_token_type_ids"] == AUDIO).any(1).sum())
+        enough = [totals["image_samples"] >= max_samples] if model.vision is not None else []
+        enough += [totals["audio_samples"] >= max_samples] if model.audio is not None else []
+        if all(enough) or batches >= max_batches:
             break
     n = max(1, totals["samples"])
     flops = {part: totals[part] / n for part in ("vision", "audio", "backbone")}
     flops["total"] = sum(flops.values())
     return {
-        "samples_measured": totals["samples"],
+        "samples_measured": {"all": totals["samples"], "with_image": totals["image_samples"],
+                             "with_audio": totals["audio_samples"]},
         "tokens": {
             "per_sample": totals["tokens"] / n,
             "per_image": totals["image_tokens"] / totals["images"] if totals["images"] else None,
             "per_audio_second": SAMPLE_RATE / model.audio.frame_dim if model.audio is not None else None,
         },
-        "forward_flops_per_sample": flops,
+        "forward_flops_per_sample": flops,  # over the measured mix of samples
+        "forward_flops_per_unit": {
+            "vision_per_image": totals["vision"] / totals["images"] if totals["images"] else None,
+            "audio_per_second": totals["audio"] / totals["audio_seconds"] if totals["audio_seconds"] else None,
+            "backbone_per_token": totals["backbone"] / max(1, totals["tokens"]),
+        },
     }
 
 
@@ -99,7 +110,9 @@ def flat_metrics(report: dict) -> dict[str, float]:
     for part, counts in report["parameters"].items():
         for kind, n in counts.items():
             out[f"compute/params_{part}_{kind}"] = float(n)
-    for key, value in {**report["tokens"], **{f"flops_{k}": v for k, v in report["forward_flops_per_sample"].items()}}.items():
+    flops = {f"flops_{k}": v for group in ("forward_flops_per_sample", "forward_flops_per_unit")
+             for k, v in report[group].items()}
+    for key, value in {**report["tokens"], **flops}.items():
         if value is not None:
             out[f"compute/{key}"] = float(value)
     return out
