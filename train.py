@@ -40,7 +40,7 @@ def train(cfg: DictConfig, run_dir: Path):
     from lightning.pytorch.strategies import FSDPStrategy
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from gemma_fusion.training.compute import flat_metrics, write_compute_report
+    from gemma_fusion.training.compute import compute_report, flat_metrics, matched_steps, write_compute_report
     from gemma_fusion.training.checkpointing import AtomicCheckpointIO, SignalCheckpoint, slurm_environment
     from gemma_fusion.training.module import FusionLitModule
 
@@ -61,16 +61,24 @@ def train(cfg: DictConfig, run_dir: Path):
         resampled=data.get("resampled", True), bucket_batches=data.get("bucket_batches", 1),
         cache_gb=data.get("cache_gb", 0), pack_length=data.get("pack_length", 0),
         max_batch_tokens=data.get("max_batch_tokens"), state=state, allow_pipe=data.get("allow_pipe", False),
-        world_size=planned_world_size(cfg.trainer),
+        world_size=planned_world_size(cfg.trainer), max_shards=data.get("max_train_shards"),
     )
+    # every rank measures all of val (the same samples, so the same figures and the same matched step count)
+    report = compute_report(model, make_loader(to_plain(data.val), preprocess, data.eval_batch_size,
+                                               split_by_rank=False), design_choices(cfg))
+    steps = matched_steps(report, cfg.compute.match, cfg.compute.budget, data.batch_size)
+    if steps is not None:
+        cfg.trainer.max_steps = steps
+    if rank_zero_only.rank == 0:
+        write_compute_report(run_dir, report)
+        if steps is not None:
+            save_yaml(cfg, run_dir / "config.yaml")  # with the matched trainer.max_steps
     module = FusionLitModule(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
                              warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.optim.get("schedule_steps") or cfg.trainer.max_steps,
                              max_nonfinite_skips=cfg.optim.get("max_nonfinite_skips", 0),
                              peak_tflops=cfg.logger.get("peak_tflops"))
     callbacks = [DataBookkeeping(state, data.get("max_bad_fraction", 0.05), data.get("bad_check_after", 200)),
                  SignalCheckpoint(run_dir / "checkpoints"), *build_callbacks(cfg, run_dir)]
-    report = write_compute_report(run_dir, model, make_loader(to_plain(data.val), preprocess, data.eval_batch_size),
-                                  design_choices(cfg)) if rank_zero_only.rank == 0 else None
     ckpt_path = resume_path(cfg, run_dir)
     if ckpt_path and rank_zero_only.rank == 0:
         set_aside_metrics(run_dir)
@@ -78,7 +86,7 @@ def train(cfg: DictConfig, run_dir: Path):
                         default_root_dir=run_dir, logger=build_loggers(cfg, run_dir),
                         callbacks=callbacks, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                         plugins=[p for p in (AtomicCheckpointIO(), slurm_environment()) if p is not None])
-    if report is not None:
+    if rank_zero_only.rank == 0:
         for logger in trainer.loggers:
             logger.log_hyperparams(flat_metrics(report))
     try:
@@ -148,17 +156,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     With several processes every rank trains; global rank 0 alone evaluates, on all of data.val.
     """
-    import torch.distributed as dist
-
     from gemma_fusion.eval.evaluate import evaluate_into
 
     model = train(cfg, run_dir)
     if rank_zero_only.rank != 0 or not cfg.eval_after_train:
         return {}
-    if dist.is_initialized():  # the loader deals shards out by RANK / WORLD_SIZE or by the process group:
-        dist.destroy_process_group()  # leave the group and be a world of one, so val is read whole
-        os.environ.update(RANK="0", WORLD_SIZE="1")
-    return evaluate_into(run_dir, model, cfg.data)
+    return evaluate_into(run_dir, model, cfg.data)  # reads all of val, not rank 0's share
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")

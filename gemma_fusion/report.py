@@ -133,6 +133,25 @@ def summarise(groups: dict[str, list[Run]]) -> list[dict]:
     return rows
 
 
+def verdict(rows: list[dict]) -> list[str]:
+    """Which design won: by held-out loss (continuous, so it ranks designs even where exact match is still
+    near zero), with exact match beside it; and whether the margin exceeds the seeds' spread."""
+    ranked = sorted((r for r in rows if r["eval_loss"] is not None), key=lambda r: r["eval_loss"][0])
+    if len(ranked) < 2:
+        return []
+    best, second, worst = ranked[0], ranked[1], ranked[-1]
+    margin = second["eval_loss"][0] - best["eval_loss"][0]
+    spread = max(best["eval_loss"][1], second["eval_loss"][1])
+    by_em = max((r for r in rows if r["em"] is not None), key=lambda r: r["em"][0], default=None)
+    lines = [f"**Lowest held-out loss: {best['design']}** ({_fmt(best['eval_loss'])}, exact match {_fmt(best['em'])}), "
+             f"{margin:.3f} below the runner-up {second['design']} ({_fmt(second['eval_loss'])}) — "
+             + ("more than" if margin > spread else "within") + f" the seeds' spread ({spread:.3f}); highest: "
+             f"{worst['design']} ({_fmt(worst['eval_loss'])})."]
+    if by_em is not None:
+        lines.append(f"Best held-out exact match: {by_em['design']} ({_fmt(by_em['em'])}).")
+    return lines
+
+
 def power_law_fit(compute: list[float], loss: list[float]) -> dict:
     """Least squares of log L = log a + b log C: {"a", "b", "b_low", "b_high", "r2", "n"} (95 % interval of b
     from the slope's standard error and Student's t with n - 2 degrees of freedom)."""
@@ -241,12 +260,7 @@ def write_report(sweep_dir: str | Path, fit: bool | None = None) -> Path:
             f"| {tokens_audio} | {row['projector_flops']:.3g} | {row['backbone_flops']:.3g} "
             f"| {_fmt(row['training_flops'], scientific=True)} | {_fmt(row['final_loss'])} | {_fmt(row['eval_loss'])} "
             f"| {_fmt(row['em'])} | {_fmt(row['em_image'])} | {_fmt(row['em_audio'])} |")
-    ranked = sorted((r for r in rows if r["em"] is not None), key=lambda r: r["em"][0], reverse=True)
-    if len(ranked) > 1:
-        best, second = ranked[0], ranked[1]
-        lines += ["", f"**Best held-out exact match: {best['design']}** ({_fmt(best['em'])}), "
-                      f"{best['em'][0] - second['em'][0]:+.3f} over the runner-up {second['design']} "
-                      f"({_fmt(second['em'])}); lowest: {ranked[-1]['design']} ({_fmt(ranked[-1]['em'])})."]
+    lines += ["", *verdict(rows)]
     lines += ["", "![training loss](loss_curves.png)", "", "![exact match against compute](metric_vs_compute.png)"]
     if fit:
         result = power_law_fit([r.training_flops for r in runs], [r.evaluation["overall"]["loss"] for r in runs])

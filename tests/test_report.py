@@ -43,8 +43,9 @@ def test_one_row_per_design_with_mean_and_std_over_seeds(tmp_path):
     assert [r.split(" | ")[0] for r in rows] == ["| model/vision=a", "| model/vision=b"]
     assert "| 0.600 ± 0.141 |" in rows[0] and "| 0.850 ± 0.071 |" in rows[1]  # EM: mean ± sample std
     assert "| 0.900 ± 0.141 |" in rows[0]  # held-out loss
-    assert "Best held-out exact match: model/vision=b** (0.850 ± 0.071), +0.250 over the runner-up model/vision=a" \
-        in report
+    assert "**Lowest held-out loss: model/vision=b** (0.550 ± 0.071, exact match 0.850 ± 0.071), 0.350 below the " \
+        "runner-up model/vision=a (0.900 ± 0.141) — more than the seeds' spread (0.141)" in report
+    assert "Best held-out exact match: model/vision=b (0.850 ± 0.071)." in report
     assert "experiment=ablation_vision" in report.split("|")[0]  # shared overrides are named once, not per row
     for name in ("loss_curves.png", "metric_vs_compute.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG

@@ -155,25 +155,28 @@ class SampleStream(torch.utils.data.IterableDataset):
 
     def __init__(self, spec, preprocess, batch_size: int, shuffle: int = 0, seed: int = 0, resampled: bool = False,
                  bucket_batches: int = 1, pack_length: int = 0, max_batch_tokens: int | None = None,
-                 state: StreamState | None = None, allow_pipe: bool = False):
+                 state: StreamState | None = None, allow_pipe: bool = False, split_by_rank: bool = True,
+                 max_shards: int | None = None):
         super().__init__()
-        self.components = [(resolve_shards(s, allow_pipe), w) for s, w in mixture_components(spec)]
+        self.components = [(resolve_shards(s, allow_pipe)[:max_shards], w) for s, w in mixture_components(spec)]
         self.preprocess, self.shuffle, self.seed, self.resampled = preprocess, shuffle, seed, resampled
         self.batching = dict(batch_size=batch_size, bucket_batches=bucket_batches, pack_length=pack_length,
                              max_batch_tokens=max_batch_tokens)
         self.state = state
         self.stats = DataStats()
+        self.split_by_rank = split_by_rank
 
     def __iter__(self) -> Iterator[dict]:
         state = self.state or StreamState()
         epoch = state.epoch
         seed = self.seed
-        rank, world, worker, workers = worker_info()
+        rank, world, worker, workers = worker_info(self.split_by_rank)
         filter_seen = state.filter_by_seen(world, workers)
         if self.resampled and filter_seen:
             seed, filter_seen = seed + 1_000_003 * state.resumes, False  # a new layout: a fresh stream
         rng = random.Random(f"{seed}/{epoch}/{rank}/{worker}")
-        streams = [ShardStream(urls, seed, self.resampled, self.stats.skip)(epoch) for urls, _ in self.components]
+        streams = [ShardStream(urls, seed, self.resampled, self.stats.skip, self.split_by_rank)(epoch)
+                   for urls, _ in self.components]
         if filter_seen:
             streams = [state.skip_seen(s) for s in streams]
         raw = streams[0] if len(streams) == 1 else mix(streams, [w for _, w in self.components], rng)
@@ -215,6 +218,8 @@ def make_loader(
     state: StreamState | None = None,
     allow_pipe: bool = False,
     world_size: int = 1,
+    split_by_rank: bool = True,
+    max_shards: int | None = None,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over shards; `resampled=True` streams forever (training), otherwise epoch by epoch.
 
@@ -224,11 +229,13 @@ def make_loader(
     samples in RAM (`MemoryCache`). `state`: a `StreamState` for exact resume (epoch-based streams skip the
     samples it has marked). Each batch carries `meta` (one entry per sample), `stats` (the loader
     process's cumulative ok / skipped counts) and `position` (the reader layout: world size, workers).
+    `split_by_rank=False`: this process reads every shard even under DDP (one rank evaluating all of val).
+    `max_shards`: only the first N shards of each spec (in sorted order): a smaller data set, e.g. for scaling.
     """
     if cache_gb > 0:
         preprocess = MemoryCache(preprocess, cache_gb)
     dataset = SampleStream(spec, preprocess, batch_size, shuffle, seed, resampled, bucket_batches, pack_length,
-                           max_batch_tokens, state, allow_pipe)
+                           max_batch_tokens, state, allow_pipe, split_by_rank, max_shards)
     for urls, _ in dataset.components:
         warn_if_too_few_shards(urls, num_workers, world_size, f"data spec {str(spec)[:80]}")
     return ResumableLoader(dataset, batch_size=None, num_workers=num_workers,

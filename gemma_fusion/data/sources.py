@@ -72,9 +72,11 @@ def number_samples(samples: Iterator[dict]) -> Iterator[dict]:
         yield sample
 
 
-def worker_info() -> tuple[int, int, int, int]:
-    """(rank, world size, worker id, workers per rank) of the calling process."""
-    return wds.utils.pytorch_worker_info()
+def worker_info(split_by_rank: bool = True) -> tuple[int, int, int, int]:
+    """(rank, world size, worker id, workers per rank) of the calling process; rank 0 of 1 when the data is
+    not split by rank."""
+    rank, world, worker, workers = wds.utils.pytorch_worker_info()
+    return (rank, world, worker, workers) if split_by_rank else (0, 1, worker, workers)
 
 
 class ShardStream:
@@ -85,11 +87,12 @@ class ShardStream:
     with replacement from a generator seeded by (seed, rank, worker).
     """
 
-    def __init__(self, urls: list[str], seed: int, resampled: bool, handler):
+    def __init__(self, urls: list[str], seed: int, resampled: bool, handler, split_by_rank: bool = True):
         self.urls, self.seed, self.resampled, self.handler = urls, seed, resampled, handler
+        self.split_by_rank = split_by_rank  # False: every process reads all shards (evaluation on one rank)
 
     def __call__(self, epoch: int) -> Iterator[dict]:
-        rank, world, worker, workers = worker_info()
+        rank, world, worker, workers = worker_info(self.split_by_rank)
         if self.resampled:
             rng = random.Random(f"{self.seed}/{epoch}/{rank}/{worker}")
             shards = ({"url": rng.choice(self.urls)} for _ in iter(int, 1))

@@ -78,7 +78,8 @@ def evaluate_into(run_dir: str | Path, model: FusionModel, data, spec=None, batc
 
     run_dir = Path(run_dir)
     preprocess = preprocessor_for(model, data.image_tokens, data.audio_max_seconds)
-    loader = make_loader(spec or data.val, preprocess, batch_size or data.eval_batch_size, data.num_workers)
+    loader = make_loader(spec or data.val, preprocess, batch_size or data.eval_batch_size, data.num_workers,
+                         split_by_rank=False)  # one process evaluates all of it, also inside a DDP run
     result = evaluate(model, loader, max_new_tokens, predictions_path=run_dir / "eval_predictions.jsonl")
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     print_table(result)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gemma_fusion.errors import UserError
 from gemma_fusion.models.flops import backbone_forward_flops, count_forward_flops
 from gemma_fusion.models.fusion import AUDIO, IGNORE_INDEX, IMAGE, pixels_to_unit
 from gemma_fusion.models.quant import QuantizedLinear
@@ -93,15 +94,38 @@ def measure(model, loader, max_samples: int = 32, max_batches: int = 100) -> dic
     }
 
 
-def write_compute_report(run_dir: Path, model, loader, designs: dict, max_samples: int = 32) -> dict:
-    """Write RUN/compute.json (see the module docstring) and return it."""
-    report = {"designs": designs, "parameters": parameter_counts(model), **measure(model, loader, max_samples)}
+def compute_report(model, loader, designs: dict, max_samples: int = 32) -> dict:
+    """The figures of RUN/compute.json (see the module docstring)."""
+    return {"designs": designs, "parameters": parameter_counts(model), **measure(model, loader, max_samples)}
+
+
+def write_compute_report(run_dir: Path, report: dict) -> Path:
     path = Path(run_dir) / "compute.json"
     path.write_text(json.dumps(report, indent=2))
     flops = report["forward_flops_per_sample"]
     log.info("compute: %.3g forward FLOPs per sample (vision %.3g, audio %.3g, backbone %.3g) -> %s",
              flops["total"], flops["vision"], flops["audio"], flops["backbone"], path)
-    return report
+    return path
+
+
+MATCH_MODES = ("none", "flops", "tokens")
+
+
+def matched_steps(report: dict, mode: str, budget: float | None, batch_size: int) -> int | None:
+    """Training steps that spend `budget` for this design: training FLOPs (3 x forward FLOPs per sample x
+    samples) with mode `flops`, soft + text tokens with mode `tokens`; None for mode `none`."""
+    if mode not in MATCH_MODES:
+        raise UserError(f"compute.match={mode} is not one of {', '.join(MATCH_MODES)}.")
+    if mode == "none":
+        return None
+    if not budget or budget <= 0:
+        raise UserError(f"compute.match={mode} needs compute.budget (training {mode}, e.g. compute.budget=1e15).")
+    per_sample = 3 * report["forward_flops_per_sample"]["total"] if mode == "flops" else report["tokens"]["per_sample"]
+    steps = max(1, round(budget / (per_sample * batch_size)))
+    report["matched"] = {"mode": mode, "budget": budget, "per_sample": per_sample, "max_steps": steps}
+    log.info("compute.match=%s: %d steps spend %.3g %s (%.3g per sample, batch %d)", mode, steps, budget, mode,
+             per_sample, batch_size)
+    return steps
 
 
 def flat_metrics(report: dict) -> dict[str, float]:

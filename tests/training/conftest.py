@@ -29,7 +29,7 @@ def compose_train(backbone, demo, *overrides: str):
     """train.yaml on `backbone` and the demo data in `demo`, shrunk to seconds of CPU."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=[
-            f"backbone.path={backbone}", "~backbone.pretrain",
+            f"backbone.path={backbone}", "backbone.pretrain=null",
             f"data.train={demo}/train", f"data.val={demo}/val", "data.prepare_demo=false",
             "data.batch_size=4", "data.eval_batch_size=4", "data.num_workers=0", "data.shuffle_buffer=0",
             "data.image_tokens=8", "trainer.max_steps=3", "trainer.enable_progress_bar=false",

@@ -125,3 +125,39 @@ def test_a_projector_module_marked_keep_frozen_stays_frozen(make_cfg):
     assert not model.vision.patch_dense.weight.requires_grad and model.vision.patch_ln1.weight.requires_grad
     frozen = sum(p.numel() for p in model.vision.patch_dense.parameters())
     assert counts["vision"]["total"] - counts["vision"]["trainable"] == frozen
+
+
+@pytest.mark.parametrize("mode", ["flops", "tokens"])
+def test_compute_matched_runs_spend_the_budget(make_cfg, tmp_path, mode):
+    """compute.match: designs of different cost get the steps that spend the same budget."""
+    import yaml
+
+    from gemma_fusion.data.pipeline import make_loader, preprocessor_for
+    from gemma_fusion.training.compute import compute_report
+
+    steps = {}
+    for design in ("patch_ef", "vit"):
+        cfg = make_cfg(f"model/vision={design}", "eval_after_train=false")
+        model = build_model(cfg)
+        report = compute_report(model, make_loader(cfg.data.val, preprocessor_for(model, 8), 4), {})
+        per_sample = 3 * report["forward_flops_per_sample"]["total"] if mode == "flops" else report["tokens"]["per_sample"]
+        budget = 3.4 * per_sample * cfg.data.batch_size  # 3.4 steps' worth for patch_ef
+        if design == "patch_ef":
+            patch_ef_budget = budget
+        run_dir = tmp_path / design
+        train_entry.train(make_cfg(f"model/vision={design}", "eval_after_train=false", f"compute.match={mode}",
+                                   f"compute.budget={patch_ef_budget}"), run_dir)
+        matched = json.loads((run_dir / "compute.json").read_text())["matched"]
+        assert matched["max_steps"] == round(patch_ef_budget / (matched["per_sample"] * cfg.data.batch_size))
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["max_steps"] == matched["max_steps"]
+        rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+        assert len({r["step"] for r in rows if r.get("train/loss")}) == matched["max_steps"]
+        steps[design] = matched["max_steps"]
+    assert steps["patch_ef"] == 3
+    if mode == "flops":  # the ViT costs more per sample: fewer steps for the same FLOPs
+        assert steps["vit"] < steps["patch_ef"]
+
+
+def test_compute_match_without_a_budget_is_one_sentence(make_cfg, tmp_path):
+    with pytest.raises(UserError, match="compute.budget"):
+        train_entry.train(make_cfg("compute.match=flops"), tmp_path)
