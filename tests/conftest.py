@@ -18,6 +18,17 @@ def save_tiny_gemma4(path, seed: int = 0, **overrides):
     return model
 
 
+def save_tiny_siglip(path, patch_size: int, image_size: int):
+    """Write a random tiny SigLIP vision tower (hidden 32, 1 layer) to `path` and return it."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=image_size, patch_size=patch_size)
+    SiglipVisionModel(config).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_gemma4_dir(tmp_path_factory):
     """A tiny checkpoint with odd widths: vision embed 48 != text 64, audio frames of 320 samples."""

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from einops import rearrange
-from transformers import SiglipVisionConfig, SiglipVisionModel
+from tests.conftest import save_tiny_siglip
 
 from gemma_fusion.errors import UserError
 from gemma_fusion.models.projectors.posemb import SinCosPosemb, TablePosemb, make_posemb
@@ -27,12 +27,7 @@ DESIGNS = [*LOCAL, "hf_vision"]
 
 @pytest.fixture(scope="module")
 def siglip_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=32, patch_size=16)
-    path = tmp_path_factory.mktemp("siglip")
-    SiglipVisionModel(config).save_pretrained(path)
-    return path
+    return save_tiny_siglip(tmp_path_factory.mktemp("siglip"), patch_size=16, image_size=32)
 
 
 def make(name, siglip_dir, **kw):

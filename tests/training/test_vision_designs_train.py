@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import SiglipVisionConfig, SiglipVisionModel
+from tests.conftest import save_tiny_siglip
 
 import train as train_entry
 from gemma_fusion.config import CONFIG_DIR
@@ -19,12 +19,7 @@ VISION_CONFIGS = sorted(p.stem for p in (Path(CONFIG_DIR) / "model" / "vision").
 @pytest.fixture(scope="module")
 def siglip_dir(tmp_path_factory):
     """A tiny random SigLIP tower with 4 px patches: the tiny backbone's 12 px tokens pool 3 x 3 of them."""
-    torch.manual_seed(0)
-    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=16, patch_size=4)
-    path = tmp_path_factory.mktemp("siglip")
-    SiglipVisionModel(config).save_pretrained(path)
-    return path
+    return save_tiny_siglip(tmp_path_factory.mktemp("siglip"), patch_size=4, image_size=16)
 
 
 def vision_cfg(make_cfg, name, siglip_dir, *overrides):
