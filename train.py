@@ -53,8 +53,6 @@ def train(cfg: DictConfig, run_dir: Path):
     data = cfg.data
     preprocess = preprocessor_for(model, data.image_tokens, data.audio_max_seconds, data.get("max_length"),
                                   data.get("jpeg_draft", False))
-    if "FSDP" in str(cfg.trainer.get("strategy", "")).upper():  # FSDP units are collectives: every rank runs all
-        model.run_idle_projectors = True
     state = StreamState()
     train_loader = make_loader(
         to_plain(data.train), preprocess, data.batch_size, data.num_workers, data.shuffle_buffer, cfg.seed,
@@ -74,7 +72,8 @@ def train(cfg: DictConfig, run_dir: Path):
         if steps is not None:
             save_yaml(cfg, run_dir / "config.yaml")  # with the matched trainer.max_steps
     module = FusionLitModule(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
-                             warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.optim.get("schedule_steps") or cfg.trainer.max_steps,
+                             warmup_steps=cfg.optim.warmup_steps,
+                             total_steps=cfg.optim.get("schedule_steps") or cfg.trainer.max_steps,
                              max_nonfinite_skips=cfg.optim.get("max_nonfinite_skips", 0),
                              peak_tflops=cfg.logger.get("peak_tflops"))
     callbacks = [DataBookkeeping(state, data.get("max_bad_fraction", 0.05), data.get("bad_check_after", 200)),
@@ -86,6 +85,8 @@ def train(cfg: DictConfig, run_dir: Path):
                         default_root_dir=run_dir, logger=build_loggers(cfg, run_dir),
                         callbacks=callbacks, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                         plugins=[p for p in (AtomicCheckpointIO(), slurm_environment()) if p is not None])
+    # FSDP gathers each unit's weights with a collective every rank must join: all ranks run every projector
+    model.run_idle_projectors = isinstance(trainer.strategy, FSDPStrategy)
     if rank_zero_only.rank == 0:
         for logger in trainer.loggers:
             logger.log_hyperparams(flat_metrics(report))
