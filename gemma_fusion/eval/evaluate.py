@@ -54,7 +54,8 @@ def evaluate(model: FusionModel, loader, max_new_tokens: int = 16, predictions_p
                 s["n"] += 1
                 for k, v in metrics.items():
                     s[k] += v
-            records.append({**meta, "prediction": text, **metrics})
+            records.append({**meta, "prediction": text, **metrics,
+                            "loss": float(row_loss[i]) / max(1, int(row_tokens[i]))})
     if predictions_path is not None:
         Path(predictions_path).write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = {b: {"loss": s["loss_sum"] / max(1, s["tokens"]), "exact_match": s["exact_match"] / s["n"],

@@ -92,7 +92,7 @@ class WaveConvProjector(nn.Module):
         kernels, strides: one entry per layer; every layer must still have an output on a frame.
     """
 
-    def __init__(self, out_dim: int, frame_dim: int = 640, channels: int = 128,
+    def __init__(self, out_dim: int, frame_dim: int = 640, channels: int = 64,
                  kernels: Sequence[int] = (10, 3, 3, 3), strides: Sequence[int] = (5, 2, 2, 2)):
         super().__init__()
         if not kernels or len(kernels) != len(strides):
