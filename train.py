@@ -44,6 +44,7 @@ def train(cfg: DictConfig, run_dir: Path):
     from gemma_fusion.training.checkpointing import AtomicCheckpointIO, SignalCheckpoint, slurm_environment
     from gemma_fusion.training.module import FusionLitModule
 
+    distiller = build_distiller(cfg)  # bad distill settings stop here, before anything is built
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # (read from RANK / LOCAL_RANK / SLURM_PROCID): one process writes RUN's files
         save_yaml(cfg, run_dir / "config.yaml")
@@ -75,7 +76,7 @@ def train(cfg: DictConfig, run_dir: Path):
                              warmup_steps=cfg.optim.warmup_steps,
                              total_steps=cfg.optim.get("schedule_steps") or cfg.trainer.max_steps,
                              max_nonfinite_skips=cfg.optim.get("max_nonfinite_skips", 0),
-                             peak_tflops=cfg.logger.get("peak_tflops"))
+                             peak_tflops=cfg.logger.get("peak_tflops"), distiller=distiller)
     callbacks = [DataBookkeeping(state, data.get("max_bad_fraction", 0.05), data.get("bad_check_after", 200)),
                  SignalCheckpoint(run_dir / "checkpoints"), *build_callbacks(cfg, run_dir)]
     ckpt_path = resume_path(cfg, run_dir)
@@ -87,6 +88,9 @@ def train(cfg: DictConfig, run_dir: Path):
                         plugins=[p for p in (AtomicCheckpointIO(), slurm_environment()) if p is not None])
     # FSDP gathers each unit's weights with a collective every rank must join: all ranks run every projector
     model.run_idle_projectors = isinstance(trainer.strategy, FSDPStrategy)
+    if module.distiller is not None:  # the teacher (or its cached top-k) on this process's device
+        module.distiller.setup(trainer.strategy.root_device, to_plain(data.train), data.eval_batch_size,
+                               data.get("allow_pipe", False))
     if rank_zero_only.rank == 0:
         for logger in trainer.loggers:
             logger.log_hyperparams(flat_metrics(report))
@@ -117,6 +121,17 @@ def train(cfg: DictConfig, run_dir: Path):
 
         merge_lora(model)
     return model
+
+
+def build_distiller(cfg: DictConfig):
+    """The distillation loss's teacher side when `distill.teacher` is set (configs/distill/), else None."""
+    node = cfg.get("distill") or {}
+    if not node.get("teacher"):
+        return None
+    from gemma_fusion.training.distill import Distiller
+
+    return Distiller(str(node.teacher), node.get("alpha", 0.5), node.get("temperature", 2.0), node.get("top_k", 0),
+                     node.get("cache"))
 
 
 def design_choices(cfg: DictConfig) -> dict:

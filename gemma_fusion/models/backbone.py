@@ -50,7 +50,7 @@ class Backbone(nn.Module):
     """A decoder-only LM split into `embed` -> `forward` (hidden states) -> `logits`.
 
     Splitting lets the FusionModel insert soft tokens between embedding and decoding, and compute the
-    LM head only at target positions.
+    LM head only at target positions. `forward_cached` is the decoding step with a KV cache (generation).
     """
 
     def __init__(self, decoder: nn.Module, lm_head: nn.Module, text_config, model_type: str):
@@ -104,6 +104,34 @@ class Backbone(nn.Module):
             )
         out = self.decoder(
             inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
+        )
+        return out.last_hidden_state
+
+    def forward_cached(
+        self,
+        inputs_embeds: torch.Tensor,
+        cache,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        block_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[B, Q, H] embeddings of the next Q positions -> [B, Q, H] hidden states, extending `cache`.
+
+        `cache`: a transformers `DynamicCache(config=backbone.text_config)`, empty for the prefill. `attention_mask`
+        [B, cached + Q]: 0 marks padding columns (left padding). `position_ids` [B, Q]: each row's own positions.
+        `block_ids` [B, Q]: bidirectional blocks as in `forward`; only for the prefill (cache still empty).
+        """
+        has_blocks = block_ids is not None and bool((block_ids >= 0).any())
+        mask = create_masks_for_generate(  # sized against the cache before this call appends to it
+            config=self.text_config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+            block_sequence_ids=block_ids if has_blocks else None,
+        )
+        out = self.decoder(
+            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
         )
         return out.last_hidden_state
 
@@ -194,18 +222,31 @@ def read_backbone_spec(path: str | Path) -> BackboneSpec:
     return BackboneSpec(config, model_type, tokenizer, tokens, spec, bidirectional)
 
 
+def full_model_class(model_type: str):
+    """The transformers class a checkpoint of `model_type` loads as (the whole model, not only the decoder)."""
+    if model_type == "gemma4_unified":
+        from transformers import Gemma4UnifiedForConditionalGeneration
+
+        return Gemma4UnifiedForConditionalGeneration
+    return AutoModelForCausalLM
+
+
 def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa") -> LoadedBackbone:
     """Load a frozen backbone, its tokenizer and (for Gemma 4 unified) its embedder weights from `path`."""
     path = Path(path).expanduser()
     if dtype not in DTYPES:
         raise UserError(f"backbone.dtype={dtype} is not supported; choose one of {sorted(DTYPES)}.")
     spec = read_backbone_spec(path)
-    kwargs = dict(dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False,
-                  attn_implementation=attn_implementation)
-    if spec.model_type == "gemma4_unified":
-        from transformers import Gemma4UnifiedForConditionalGeneration
+    full = full_model_class(spec.model_type).from_pretrained(
+        path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False,
+        attn_implementation=attn_implementation)
+    return split_full_model(full, spec)
 
-        full = Gemma4UnifiedForConditionalGeneration.from_pretrained(path, **kwargs)
+
+def split_full_model(full: nn.Module, spec: BackboneSpec) -> LoadedBackbone:
+    """A loaded transformers model -> the frozen Backbone (decoder + LM head) and, for Gemma 4 unified, the
+    embedder weights its projectors start from (`spec.multimodal` is filled in place)."""
+    if spec.model_type == "gemma4_unified":
         decoder, lm_head = full.model.language_model, full.lm_head
         text_config = decoder.config  # the live config: it carries the attention implementation
         if full.model.embed_vision is None:
@@ -217,7 +258,6 @@ def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation:
         else:
             spec.multimodal.audio_state = full.model.embed_audio.state_dict()
     else:
-        full = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         decoder, lm_head, text_config = full.get_decoder(), full.get_output_embeddings(), full.config
     backbone = Backbone(decoder, lm_head, text_config, spec.model_type)
     backbone.requires_grad_(False)

@@ -7,6 +7,8 @@ largest tensor of a step), so `.logits` is [num_targets, V]; with `labels=None` 
 """
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +88,13 @@ class FusionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str = "float32", **kwargs) -> "FusionModel":
-        """Load a Gemma 4 unified checkpoint (or any causal LM, without projectors) from a local directory."""
+        """Load a Gemma 4 unified checkpoint (or any causal LM, without projectors) from a local directory, with
+        transformers' semantics (its embedders, its attention rules). A quantised or non-native export of
+        `python -m gemma_fusion.export` loads with `gemma_fusion.export.load_export` instead."""
+        export = Path(path).expanduser() / "export.json"
+        if export.is_file() and json.loads(export.read_text()).get("quant", "none") != "none":
+            raise UserError(f"{path} is a quantised gemma_fusion export; load it with "
+                            "gemma_fusion.export.load_export(path) (or python -m gemma_fusion.infer run=PATH).")
         loaded = load_backbone(path, dtype=dtype)
         hidden = loaded.backbone.hidden_size
         vision = audio = None

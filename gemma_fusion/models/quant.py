@@ -79,6 +79,23 @@ class QuantizedLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         self.register_buffer("bias", bias, persistent=False)
 
+    @classmethod
+    def from_stored(cls, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, in_features: int,
+                    bits: int, group_size: int) -> "QuantizedLinear":
+        """The layer rebuilt from the tensors it stores (an exported checkpoint), without a full-precision weight."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features, layer.bits = in_features, qweight.shape[0], bits
+        layer.group_size = in_features if bits == 8 else group_size
+        layer.register_buffer("qweight", qweight, persistent=False)
+        layer.register_buffer("scale", scale, persistent=False)
+        layer.register_buffer("bias", bias, persistent=False)
+        return layer
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """What `from_stored` needs back: qweight, scale and (if any) bias."""
+        return {"qweight": self.qweight, "scale": self.scale, **({} if self.bias is None else {"bias": self.bias})}
+
     def dequantize(self) -> torch.Tensor:
         """The weight [out_features, in_features] in the original dtype (peft's DoRA reads it through this)."""
         if self.bits == 8:

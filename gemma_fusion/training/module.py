@@ -24,9 +24,10 @@ class FusionLitModule(L.LightningModule):
 
     def __init__(self, net: FusionModel, lr: dict, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  warmup_steps: int = 0, total_steps: int = 1000, max_nonfinite_skips: int = 0,
-                 peak_tflops: float | None = None):
+                 peak_tflops: float | None = None, distiller=None):
         super().__init__()
         self.net = net
+        self.distiller = distiller  # training/distill.py: the teacher's side of a distillation loss, or None
         self.optim_args = dict(lr=dict(lr), weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
                                total_steps=total_steps)
         self.strict_loading = False  # checkpoints hold only the trainable parameters
@@ -50,6 +51,12 @@ class FusionLitModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int):
         out = self(batch)
         batch_size = batch["input_ids"].shape[0]
+        if self.distiller is not None:
+            targets = batch["labels"][:, 1:]
+            parts = self.distiller.loss(out.logits, targets[targets != -100], batch)
+            self.log("train/ce", parts["ce"], on_step=True, batch_size=batch_size)
+            self.log("train/kl", parts["kl"], on_step=True, batch_size=batch_size)
+            out.loss = parts["loss"]
         if not torch.isfinite(out.loss):
             self._nonfinite("loss")
             return None  # Lightning skips backward and the optimizer step

@@ -9,8 +9,13 @@ from safetensors.torch import load_file
 from gemma_fusion.errors import UserError
 
 
-def load_run(run_dir: str | Path):
-    """-> (FusionModel with the run's trainable weights, the run's config)."""
+def load_run(run_dir: str | Path, for_export: bool = False):
+    """-> (FusionModel with the run's trainable weights, the run's config).
+
+    `for_export`: a plain eager model on a full-precision base, even if the run trained with `backbone.quant`,
+    `model.compile` or `model.gradient_checkpointing` (export merges the adapters into full-precision weights,
+    then quantises once).
+    """
     from gemma_fusion.models.build import build_model
 
     run_dir = Path(run_dir)
@@ -19,6 +24,8 @@ def load_run(run_dir: str | Path):
         if not path.is_file():
             raise UserError(f"run={run_dir} has no {path.relative_to(run_dir)}; pass a directory written by train.py.")
     cfg = OmegaConf.load(config_path)
+    if for_export:
+        cfg.backbone.quant, cfg.model.compile, cfg.model.gradient_checkpointing = "none", False, False
     model = build_model(cfg)
     state = load_file(str(weights))
     expected = {n for n, p in model.named_parameters() if p.requires_grad}

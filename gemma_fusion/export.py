@@ -1,0 +1,314 @@
+"""Export a trained run as one self-contained directory for inference:
+
+    python -m gemma_fusion.export run=RUN quant=none|int8|int4 out=OUT [group_size=64] [overwrite=false]
+
+Steps: rebuild the run's model on a full-precision base (even if it trained on a quantised one), merge the
+LoRA adapters into the base weights (peft's merge), quantise the decoder's Linear layers once (`quant`,
+the same weight-only int8 / int4 as `backbone.quant`, gemma_fusion/models/quant.py), and write OUT:
+
+  config.json, model.safetensors   the backbone as transformers names it (the whole Gemma 4 unified model, or
+                                   the causal LM), in the run's `backbone.dtype`. With quant=none it is a plain
+                                   transformers checkpoint; for Gemma 4 unified with the native projectors
+                                   (`patch_ef`, `audio_frames`) it also holds the trained embedders, so
+                                   `Gemma4UnifiedForConditionalGeneration.from_pretrained(OUT)` is the trained
+                                   model. With int8 / int4 each quantised Linear `P` is stored as `P.qweight`
+                                   (int8, or uint8 holding two int4) + `P.scale` (+ `P.bias`) instead of
+                                   `P.weight`; `load_export` rebuilds it without ever allocating `P.weight`.
+  projectors.safetensors           the trained projectors in float32 (the vision position table and every norm
+                                   included; never quantised)
+  tokenizer files                  the backbone's tokenizer
+  export.json                      format, quant, which layers are quantised, the run's config (projector
+                                   designs, attention settings, preprocessing: data.image_tokens,
+                                   data.audio_max_seconds) with backbone.path = OUT
+  any of the backbone directory's generation / processor / chat-template files, copied
+
+The directory is built next to OUT and renamed into place at the end: a failed export leaves no partial OUT.
+`load_export(OUT)` (and `FusionModel.from_pretrained(OUT)`, `python -m gemma_fusion.infer run=OUT`) loads it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gemma_fusion.errors import UserError, exit_on_user_error
+
+log = logging.getLogger(__name__)
+FORMAT = "gemma_fusion.export/1"
+QUANTS = ("none", "int8", "int4")
+NATIVE_DESIGNS = {"vision": "PatchEmbedder", "audio": "AudioFrameProjector"}  # = Gemma 4's embed_vision / embed_audio
+GEMMA4_EMBEDDERS = {"vision": "model.embed_vision.", "audio": "model.embed_audio."}
+COPIED_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json",
+                "chat_template.jinja", "chat_template.json", "pretrain.json")
+
+
+def module_paths(full: nn.Module) -> tuple[str, str]:
+    """(decoder path, LM head path) inside a transformers model, e.g. ("model.language_model", "lm_head")."""
+    decoder, head = full.get_decoder(), full.get_output_embeddings()
+    names = {id(m): n for n, m in full.named_modules()}
+    return names[id(decoder)], names[id(head)]
+
+
+def skeleton(config, model_type: str) -> nn.Module:
+    """The whole transformers model for `config` on the meta device: names and shapes, no memory."""
+    from gemma_fusion.models.backbone import full_model_class
+
+    with torch.device("meta"):
+        cls = full_model_class(model_type)
+        return cls(config) if model_type == "gemma4_unified" else cls.from_config(config)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, quant: str = "none", group_size: int = 64,
+               overwrite: bool = False) -> Path:
+    """Write the export directory (see the module docstring) and return its path."""
+    from transformers import AutoConfig
+
+    from gemma_fusion.models.quant import QuantizedLinear, quantize_frozen
+    from gemma_fusion.training.adapters import merge_lora
+    from gemma_fusion.training.restore import load_run
+
+    if quant not in QUANTS:
+        raise UserError(f"export: quant={quant} is not one of {', '.join(QUANTS)}.")
+    out_dir = Path(out_dir).expanduser().absolute()
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"export: out={out_dir} exists and is not empty; pass another out= or overwrite=true.")
+    model, cfg = load_run(run_dir, for_export=True)
+    backbone_dir = Path(cfg.backbone.path).expanduser()
+    merged = bool(getattr(model.backbone.decoder, "peft_config", None))
+    if merged:
+        merge_lora(model)
+    decoder = model.backbone.decoder
+    if quant != "none":
+        quantize_frozen(decoder, quant, group_size)
+    config = AutoConfig.from_pretrained(backbone_dir, trust_remote_code=False)
+    full = skeleton(config, model.backbone.model_type)
+    decoder_prefix, head_prefix = (p + "." for p in module_paths(full))
+    dtype = model.backbone.dtype
+
+    tensors: dict[str, torch.Tensor] = {}
+    quantized: dict[str, dict] = {}
+    for name, module in decoder.named_modules():
+        if isinstance(module, QuantizedLinear):
+            quantized[decoder_prefix + name] = {"in_features": module.in_features, "bits": module.bits,
+                                                "group_size": module.group_size}
+            tensors.update({f"{decoder_prefix}{name}.{k}": v for k, v in module.stored().items()})
+    tensors.update({decoder_prefix + k: v for k, v in decoder.state_dict().items()})
+    if not config.get_text_config().tie_word_embeddings:
+        tensors.update({head_prefix + k: v for k, v in model.backbone.lm_head.state_dict().items()})
+    native = {}
+    if model.backbone.model_type == "gemma4_unified":
+        native = gemma4_embedders(model, full, backbone_dir, tensors)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if quant == "none":  # transformers writes its own on-disk names (they differ from the module names)
+        full.load_state_dict(tensors, strict=False, assign=True)
+        full.tie_weights()
+        check_loaded(full, quantized, "the run's model")
+    projectors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
+                  if k.startswith(("vision.", "audio."))}
+
+    run_cfg = OmegaConf.to_container(cfg, resolve=True)
+    run_cfg["backbone"].update(path=str(out_dir), quant=quant, quant_group_size=group_size, quant_backend="native")
+    run_cfg["model"]["init_from"] = None
+    for part in ("vision", "audio"):
+        if isinstance(run_cfg["model"].get(part), dict):
+            run_cfg["model"][part]["init_from_checkpoint"] = False  # the trained weights come from projectors.safetensors
+    meta = {"format": FORMAT, "run": str(Path(run_dir).absolute()), "quant": quant, "lora_merged": merged,
+            "dtype": str(dtype).removeprefix("torch."), "model_type": model.backbone.model_type,
+            "transformers_compatible": transformers_compatible(model, quant, native),
+            "native_projectors": native, "quantized": quantized, "config": run_cfg}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if quant == "none":
+            full.save_pretrained(tmp)
+        else:  # the module names; load_export rebuilds the quantised layers from them
+            config.save_pretrained(tmp)
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(projectors, str(tmp / "projectors.safetensors"), metadata={"format": "pt"})
+        model.tokenizer.save_pretrained(tmp)
+        for name in COPIED_FILES:
+            if (backbone_dir / name).is_file():
+                shutil.copy2(backbone_dir / name, tmp / name)
+        (tmp / "export.json").write_text(json.dumps(meta, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s -> %s (quant=%s, LoRA merged: %s)", run_dir, out_dir, quant, merged)
+    return out_dir
+
+
+def transformers_compatible(model, quant: str, native: dict[str, bool]) -> bool:
+    """Whether transformers' own class on OUT is the trained model: unquantised, Gemma 4's native projectors (or
+    a text-only causal LM without projectors) and its attention rules (audio is causal in transformers)."""
+    if quant != "none":
+        return False
+    if model.backbone.model_type != "gemma4_unified":
+        return model.vision is None and model.audio is None
+    same = all(native[part] for part in native if getattr(model, part) is not None)
+    if model.audio is not None and model.bidirectional_audio:
+        log.warning("export: this run attends bidirectionally inside audio clips (model.bidirectional_audio=true); "
+                    "transformers' Gemma 4 attends causally there, so load the export with "
+                    "gemma_fusion.export.load_export / python -m gemma_fusion.infer to get the trained behaviour.")
+        return False
+    return same
+
+
+def gemma4_embedders(model, full: nn.Module, backbone_dir: Path, tensors: dict) -> dict[str, bool]:
+    """Fill `model.embed_vision.*` / `model.embed_audio.*` of a Gemma 4 unified export: the trained projector
+    where it is the native design with the checkpoint's shapes, else the base checkpoint's own embedder (read by
+    loading the base model once: only for runs with other designs). Returns {part: True where the trained
+    projector went in}."""
+    native, base = {}, None
+    for part, prefix in GEMMA4_EMBEDDERS.items():
+        projector = getattr(model, part)
+        state = {} if projector is None else projector.state_dict()
+        slot = full.get_submodule(prefix.rstrip("."))  # the checkpoint's own embedder, on the meta device
+        native[part] = (type(projector).__name__ == NATIVE_DESIGNS[part]
+                        and {k: v.shape for k, v in slot.state_dict().items()} == {k: v.shape for k, v in state.items()})
+        if not native[part]:
+            base = base if base is not None else base_embedders(backbone_dir, model.backbone.dtype)
+            state = base.get(part, {})
+        tensors.update({prefix + k: v.to(model.backbone.dtype) for k, v in state.items()})
+    return native
+
+
+def base_embedders(backbone_dir: Path, dtype: torch.dtype) -> dict[str, dict]:
+    from gemma_fusion.models.backbone import full_model_class
+
+    base = full_model_class("gemma4_unified").from_pretrained(backbone_dir, dtype=dtype, use_safetensors=True,
+                                                              trust_remote_code=False)
+    return {part: getattr(base.model, f"embed_{part}").state_dict() for part in GEMMA4_EMBEDDERS
+            if getattr(base.model, f"embed_{part}") is not None}
+
+
+def quantized_weight_names(quantized: dict) -> list[str]:
+    """The full-precision names a quantised layer does not store (`P.weight`, `P.bias`)."""
+    return [f"{name}.{k}" for name in quantized for k in ("weight", "bias")]
+
+
+def check_loaded(full: nn.Module, quantized: dict, what: str) -> None:
+    """Every weight of `full` has been given a value (none is left on the meta device)."""
+    skipped = set(quantized_weight_names(quantized))
+    left = [n for n, t in (*full.named_parameters(), *full.named_buffers())
+            if t.is_meta and n not in skipped and n not in dict(full.named_non_persistent_buffers())]
+    if left:
+        raise UserError(f"export: {what} has no value for the backbone's weights {left[:3]} (an unusual checkpoint "
+                        "layout); please report it with the backbone's config.json.")
+
+
+def load_export(path: str | Path):
+    """An export directory -> (FusionModel, the run's config with backbone.path = path)."""
+    from gemma_fusion.models.backbone import DTYPES, load_backbone, read_backbone_spec, split_full_model
+    from gemma_fusion.models.build import build_projector
+    from gemma_fusion.models.fusion import FusionModel
+
+    path = Path(path).expanduser()
+    meta = read_export_meta(path)
+    cfg = OmegaConf.create(meta["config"])
+    cfg.backbone.path = str(path)
+    if meta["quant"] == "none":
+        loaded = load_backbone(path, meta["dtype"], cfg.backbone.attn_implementation)
+    else:
+        spec = read_backbone_spec(path)
+        full = quantized_model(path, spec, meta, DTYPES[meta["dtype"]], cfg.backbone.attn_implementation)
+        loaded = split_full_model(full, spec)
+    hidden, mm = loaded.backbone.hidden_size, loaded.multimodal
+    vision = build_projector(cfg.model.get("vision"), hidden, mm.vision, None, "vision")
+    audio = build_projector(cfg.model.get("audio"), hidden, mm.audio, None, "audio")
+    bidir = cfg.model.bidirectional_image
+    model = FusionModel(loaded.backbone, loaded.tokens, vision, audio,
+                        bidirectional_image=loaded.bidirectional_image if bidir is None else bidir,
+                        bidirectional_audio=cfg.model.bidirectional_audio, tokenizer=loaded.tokenizer)
+    state = load_file(str(path / "projectors.safetensors"))
+    result = model.load_state_dict(state, strict=False)
+    extra = [k for k in result.missing_keys if k.startswith(("vision.", "audio."))]
+    if result.unexpected_keys or extra:
+        raise UserError(f"{path}/projectors.safetensors does not fit the projectors export.json describes "
+                        f"(missing {extra[:3]}, unexpected {result.unexpected_keys[:3]}); re-export the run.")
+    model.requires_grad_(False)
+    return model.eval(), cfg
+
+
+def read_export_meta(path: Path) -> dict:
+    meta_path = path / "export.json"
+    if not meta_path.is_file():
+        raise UserError(f"{path} has no export.json; pass a directory written by `python -m gemma_fusion.export`.")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{meta_path} has format {meta.get('format')!r}, not {FORMAT!r}; re-export with this version.")
+    return meta
+
+
+def quantized_model(path: Path, spec, meta: dict, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
+    """The whole transformers model with its quantised Linear layers rebuilt from the stored int8 / int4
+    tensors: built on the meta device, so no full-precision copy of a quantised weight is ever allocated."""
+    from gemma_fusion.models.quant import QuantizedLinear
+
+    spec.config._attn_implementation = attn_implementation
+    full = skeleton(spec.config, spec.model_type).to(dtype)
+    tensors = load_file(str(path / "model.safetensors"))
+    for name, info in meta["quantized"].items():
+        parent, _, child = name.rpartition(".")
+        stored = {k: tensors.pop(f"{name}.{k}", None) for k in ("qweight", "scale", "bias")}
+        setattr(full.get_submodule(parent), child, QuantizedLinear.from_stored(
+            stored["qweight"], stored["scale"], stored["bias"], info["in_features"], info["bits"], info["group_size"]))
+    for key, buffer in list(full.named_non_persistent_buffers()):  # rotary frequencies, embedding scale
+        owner, _, name = key.rpartition(".")
+        if buffer.is_meta:
+            full.get_submodule(owner)._buffers[name] = torch.empty_like(buffer, device="cpu")
+    for owner in {k.rpartition(".")[0] for k, b in full.named_non_persistent_buffers()}:
+        full._init_weights(full.get_submodule(owner))  # recomputes them (the weights there are loaded next)
+    result = full.load_state_dict(tensors, strict=False, assign=True)
+    full.tie_weights()
+    left = [n for n, t in (*full.named_parameters(), *full.named_buffers()) if t.is_meta]
+    if left or result.unexpected_keys:
+        raise UserError(f"{path}/model.safetensors does not fit its config.json (not loaded: {left[:3]}, "
+                        f"unexpected: {result.unexpected_keys[:3]}); re-export the run.")
+    return full.eval()
+
+
+def parse_args(argv: list[str]) -> dict:
+    args = {"quant": "none", "group_size": "64", "overwrite": "false"}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in ("run", "out", "quant", "group_size", "overwrite"):
+            raise UserError(f"export: unexpected argument {arg!r}; usage: python -m gemma_fusion.export run=RUN "
+                            "quant=none|int8|int4 out=OUT [group_size=64] [overwrite=true].")
+        args[key] = value
+    for key in ("run", "out"):
+        if key not in args:
+            raise UserError(f"export: {key}= is required; usage: python -m gemma_fusion.export run=RUN "
+                            "quant=none|int8|int4 out=OUT.")
+    if not args["group_size"].isdigit() or int(args["group_size"]) < 1:
+        raise UserError(f"export: group_size={args['group_size']} must be a positive integer.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    def run(argv):
+        args = parse_args(argv)
+        out = export_run(args["run"], args["out"], args["quant"], int(args["group_size"]),
+                         args["overwrite"].lower() in ("1", "true", "yes"))
+        size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        print(f"exported {args['run']} -> {out} (quant={args['quant']}, {size / 2**20:.1f} MiB)")
+
+    exit_on_user_error(run, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()

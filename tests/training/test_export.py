@@ -1,0 +1,118 @@
+"""`python -m gemma_fusion.export`: LoRA merged, weights quantised once, a directory transformers and we load."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from transformers import Gemma4UnifiedForConditionalGeneration
+
+import train as train_entry
+from gemma_fusion import FusionModel
+from gemma_fusion.errors import UserError
+from gemma_fusion.export import export_run, load_export
+from gemma_fusion.models.quant import QuantizedLinear, quantize_frozen, tensor_bytes
+from gemma_fusion.training.adapters import merge_lora
+from gemma_fusion.training.restore import load_run
+from tests.models.test_parity import _batch
+from tests.training.conftest import compose_train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_gemma4_dir, tiny_demo_dir, tmp_path_factory) -> Path:
+    """A run whose adapters moved (LoRA B is zero at init): 3 steps at a high learning rate, causal audio as
+    transformers' Gemma 4 has it (so the export is transformers-compatible)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose_train(tiny_gemma4_dir, tiny_demo_dir, "eval_after_train=false", "model.bidirectional_audio=false",
+                        "optim.lr.lora=0.01", "trainer.max_steps=3")
+    train_entry.train(cfg, run_dir)
+    return run_dir
+
+
+def _logits(model: FusionModel, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**{**batch, "labels": None}).logits
+
+
+def test_quant_none_loads_in_transformers_with_our_logits_and_keeps_the_trained_model(trained_run, tmp_path):
+    out = export_run(trained_run, tmp_path / "out", "none")
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["transformers_compatible"] and meta["lora_merged"] and meta["native_projectors"] == {
+        "vision": True, "audio": True}
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not any("lora_" in k for k in f.keys())  # merged, not carried
+
+    ours = FusionModel.from_pretrained(out).eval()
+    theirs = Gemma4UnifiedForConditionalGeneration.from_pretrained(out).eval()
+    batch = _batch(ours)
+    with torch.no_grad():
+        ref = theirs(**{**batch, "labels": None}).logits
+    torch.testing.assert_close(_logits(ours, batch), ref, atol=1e-4, rtol=1e-4)
+
+    trained, _ = load_run(trained_run)  # adapters unmerged, as training left them
+    exported, cfg = load_export(out)
+    assert cfg.backbone.path == str(out) and cfg.data.image_tokens == 8
+    expected = _logits(trained, batch)
+    torch.testing.assert_close(_logits(exported, batch), expected, atol=1e-4, rtol=1e-4)
+    base = FusionModel.from_pretrained(yaml.safe_load((trained_run / "config.yaml").read_text())["backbone"]["path"])
+    assert (_logits(base.eval(), batch) - expected).abs().max() > 1e-3  # training moved the model: the test can fail
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantised_export_is_the_merged_model_quantised_once(trained_run, tmp_path, quant):
+    out = export_run(trained_run, tmp_path / quant, quant)
+    meta = json.loads((out / "export.json").read_text())
+    assert not meta["transformers_compatible"] and meta["quantized"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    for name in meta["quantized"]:  # stored as int8 / packed int4, never as a full-precision weight
+        assert f"{name}.qweight" in keys and f"{name}.scale" in keys and f"{name}.weight" not in keys
+
+    reference, _ = load_run(trained_run, for_export=True)
+    merge_lora(reference)
+    quantize_frozen(reference.backbone.decoder, quant)
+    exported, _ = load_export(out)
+    assert tensor_bytes(exported.backbone.decoder) == tensor_bytes(reference.backbone.decoder)
+    layers = [m for m in exported.backbone.decoder.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == len(meta["quantized"]) and {m.bits for m in layers} == {8 if quant == "int8" else 4}
+    assert exported.vision.pos_embedding.dtype == torch.float32  # the position table stays full precision
+    batch = _batch(exported)
+    torch.testing.assert_close(_logits(exported, batch), _logits(reference, batch), atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="load_export"):
+        FusionModel.from_pretrained(out)
+
+
+def test_a_failed_export_leaves_no_directory_and_a_full_one_is_not_overwritten(trained_run, tmp_path, monkeypatch):
+    import gemma_fusion.export as export
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "save_file", disk_full)
+    with pytest.raises(OSError):
+        export_run(trained_run, tmp_path / "out", "int8")
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor the temporary directory
+    monkeypatch.undo()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="overwrite=true"):
+        export_run(trained_run, tmp_path / "out", "int8")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_cli_exports_and_rejects_bad_arguments_in_one_sentence(trained_run, tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "gemma_fusion.export", f"run={trained_run}", "quant=int4",
+                         f"out={tmp_path / 'cli'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "exported" in ok.stdout and (tmp_path / "cli" / "export.json").is_file()
+    bad = subprocess.run([sys.executable, "-m", "gemma_fusion.export", f"run={trained_run}", "quant=int3",
+                          f"out={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "quant=int3 is not one of none, int8, int4" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
