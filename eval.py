@@ -22,12 +22,12 @@ def run(cfg: DictConfig) -> dict:
     from gemma_fusion.errors import UserError
     from gemma_fusion.eval.compare import compare_runs, print_comparison
     from gemma_fusion.eval.evaluate import evaluate_into
-    from gemma_fusion.training.restore import load_run
+    from gemma_fusion.training.restore import load_for_inference
 
     run_dirs = [Path(cfg.run), *map(Path, cfg.compare or [])]
     results, val_sets = [], set()
     for run_dir in run_dirs:
-        model, run_cfg = load_run(run_dir)
+        model, run_cfg = load_for_inference(run_dir)  # a train.py run or an export
         val_sets.add(str(run_cfg.data.val))
         if cfg.data.eval is None and len(val_sets) > 1:
             raise UserError(f"compare: {run_dirs[0]} and {run_dir} were validated on different data "

@@ -1,13 +1,15 @@
 """Export a trained run as one self-contained directory for inference:
 
-    python -m gemma_fusion.export run=RUN quant=none|int8|int4 out=OUT [group_size=64] [overwrite=false]
+    python -m gemma_fusion.export run=RUN quant=none|int8|int4 out=OUT [dtype=bfloat16|float32] [group_size=64]
+        [overwrite=false]
 
 Steps: rebuild the run's model on a full-precision base (even if it trained on a quantised one), merge the
-LoRA adapters into the base weights (peft's merge), quantise the decoder's Linear layers once (`quant`,
+LoRA adapters into the base weights (peft's merge), cast the backbone to `dtype` (default: the run's
+`backbone.dtype`), quantise the decoder's Linear layers once (`quant`,
 the same weight-only int8 / int4 as `backbone.quant`, gemma_fusion/models/quant.py), and write OUT:
 
   config.json, model.safetensors   the backbone as transformers names it (the whole Gemma 4 unified model, or
-                                   the causal LM), in the run's `backbone.dtype`. With quant=none it is a plain
+                                   the causal LM), in `dtype`. With quant=none it is a plain
                                    transformers checkpoint; for Gemma 4 unified with the native projectors
                                    (`patch_ef`, `audio_frames`) it also holds the trained embedders, so
                                    `Gemma4UnifiedForConditionalGeneration.from_pretrained(OUT)` is the trained
@@ -41,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gemma_fusion.errors import UserError, exit_on_user_error
+from gemma_fusion.models.backbone import DTYPES
 
 log = logging.getLogger(__name__)
 FORMAT = "gemma_fusion.export/1"
@@ -68,7 +71,7 @@ def skeleton(config, model_type: str) -> nn.Module:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, quant: str = "none", group_size: int = 64,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, dtype: str | None = None) -> Path:
     """Write the export directory (see the module docstring) and return its path."""
     from transformers import AutoConfig
 
@@ -86,13 +89,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path, quant: str = "none", gr
     merged = bool(getattr(model.backbone.decoder, "peft_config", None))
     if merged:
         merge_lora(model)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise UserError(f"export: dtype={dtype} is not one of {', '.join(sorted(DTYPES))}.")
+        model.backbone.to(DTYPES[dtype])  # the projectors keep float32 (projectors.safetensors)
     decoder = model.backbone.decoder
     if quant != "none":
         quantize_frozen(decoder, quant, group_size)
     config = AutoConfig.from_pretrained(backbone_dir, trust_remote_code=False)
     full = skeleton(config, model.backbone.model_type)
     decoder_prefix, head_prefix = (p + "." for p in module_paths(full))
-    dtype = model.backbone.dtype
+    dtype_of = model.backbone.dtype
 
     tensors: dict[str, torch.Tensor] = {}
     quantized: dict[str, dict] = {}
@@ -116,13 +123,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path, quant: str = "none", gr
                   if k.startswith(("vision.", "audio."))}
 
     run_cfg = OmegaConf.to_container(cfg, resolve=True)
-    run_cfg["backbone"].update(path=str(out_dir), quant=quant, quant_group_size=group_size, quant_backend="native")
+    run_cfg["backbone"].update(path=str(out_dir), quant=quant, quant_group_size=group_size, quant_backend="native",
+                               dtype=str(dtype_of).removeprefix("torch."))
     run_cfg["model"]["init_from"] = None
     for part in ("vision", "audio"):
         if isinstance(run_cfg["model"].get(part), dict):
             run_cfg["model"][part]["init_from_checkpoint"] = False  # the trained weights come from projectors.safetensors
     meta = {"format": FORMAT, "run": str(Path(run_dir).absolute()), "quant": quant, "lora_merged": merged,
-            "dtype": str(dtype).removeprefix("torch."), "model_type": model.backbone.model_type,
+            "dtype": str(dtype_of).removeprefix("torch."), "model_type": model.backbone.model_type,
             "transformers_compatible": transformers_compatible(model, quant, native),
             "native_projectors": native, "quantized": quantized, "config": run_cfg}
 
@@ -211,7 +219,7 @@ def check_loaded(full: nn.Module, quantized: dict, what: str) -> None:
 
 def load_export(path: str | Path):
     """An export directory -> (FusionModel, the run's config with backbone.path = path)."""
-    from gemma_fusion.models.backbone import DTYPES, load_backbone, read_backbone_spec, split_full_model
+    from gemma_fusion.models.backbone import load_backbone, read_backbone_spec, split_full_model
     from gemma_fusion.models.build import build_projector
     from gemma_fusion.models.fusion import FusionModel
 
@@ -281,12 +289,12 @@ def quantized_model(path: Path, spec, meta: dict, dtype: torch.dtype, attn_imple
 
 
 def parse_args(argv: list[str]) -> dict:
-    args = {"quant": "none", "group_size": "64", "overwrite": "false"}
+    args = {"quant": "none", "group_size": "64", "overwrite": "false", "dtype": None}
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep or key not in ("run", "out", "quant", "group_size", "overwrite"):
+        if not sep or key not in ("run", "out", "quant", "group_size", "overwrite", "dtype"):
             raise UserError(f"export: unexpected argument {arg!r}; usage: python -m gemma_fusion.export run=RUN "
-                            "quant=none|int8|int4 out=OUT [group_size=64] [overwrite=true].")
+                            "quant=none|int8|int4 out=OUT [dtype=bfloat16|float32] [group_size=64] [overwrite=true].")
         args[key] = value
     for key in ("run", "out"):
         if key not in args:
@@ -303,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     def run(argv):
         args = parse_args(argv)
         out = export_run(args["run"], args["out"], args["quant"], int(args["group_size"]),
-                         args["overwrite"].lower() in ("1", "true", "yes"))
+                         args["overwrite"].lower() in ("1", "true", "yes"), args["dtype"])
         size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
         print(f"exported {args['run']} -> {out} (quant={args['quant']}, {size / 2**20:.1f} MiB)")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gemma_fusion.errors import UserError
+from gemma_fusion.training.restore import load_for_inference
 
 if TYPE_CHECKING:
     from gemma_fusion.inference.prompts import Request
@@ -85,21 +86,6 @@ def read_requests(args: dict) -> list[Request]:
                     raise UserError(f"{kind}={row[kind]}{line} does not exist or is not a file.")
         requests.append(Request(row["prompt"], paths.get("image"), paths.get("audio"), row.get("id")))
     return requests
-
-
-def load_for_inference(path: str | Path):
-    """A train.py run directory (config.yaml + final/) or an export (export.json) -> (FusionModel, its config)."""
-    path = Path(path)
-    if (path / "export.json").is_file():
-        from gemma_fusion.export import load_export
-
-        return load_export(path)
-    if (path / "config.yaml").is_file():  # load_run says what is missing if training has not finished
-        from gemma_fusion.training.restore import load_run
-
-        return load_run(path)
-    raise UserError(f"run={path} is neither a train.py run directory (config.yaml and final/) nor an export "
-                    "(export.json).")
 
 
 def run(args: dict) -> list[dict]:

@@ -39,18 +39,9 @@ SAMPLES_PER_FILE = 4096
 
 def load_teacher(path: str | Path):
     """A run directory or an export directory -> (frozen FusionModel in eval mode, its config)."""
-    path = Path(path).expanduser()
-    if (path / "export.json").is_file():
-        from gemma_fusion.export import load_export
+    from gemma_fusion.training.restore import load_for_inference
 
-        model, cfg = load_export(path)
-    elif (path / "config.yaml").is_file():
-        from gemma_fusion.training.restore import load_run
-
-        model, cfg = load_run(path)
-    else:
-        raise UserError(f"distill.teacher={path} is neither a train.py run (config.yaml + final/) nor an export "
-                        "(export.json); pass the directory of a finished run.")
+    model, cfg = load_for_inference(path)
     model.requires_grad_(False)
     return model.eval(), cfg
 

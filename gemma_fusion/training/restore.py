@@ -36,3 +36,16 @@ def load_run(run_dir: str | Path, for_export: bool = False):
         )
     model.load_state_dict(state, strict=False)
     return model.eval(), cfg
+
+
+def load_for_inference(path: str | Path):
+    """A train.py run directory (config.yaml + final/) or an export (export.json) -> (FusionModel, its config)."""
+    path = Path(path).expanduser()
+    if (path / "export.json").is_file():
+        from gemma_fusion.export import load_export
+
+        return load_export(path)
+    if (path / "config.yaml").is_file():  # load_run says what is missing if training has not finished
+        return load_run(path)
+    raise UserError(f"run={path} is neither a train.py run directory (config.yaml and final/) nor an export "
+                    "(export.json).")

@@ -138,12 +138,22 @@ def test_unusable_inputs_are_user_errors(tmp_path):
         load_for_inference(tmp_path)
 
 
-def test_an_export_directory_loads_through_load_export(tmp_path, monkeypatch):
-    import types
+def test_an_int8_export_generates_what_the_merged_quantised_run_generates(run_dir, media, tmp_path):
+    """`infer run=OUT` on a real export: the same tokens as the run's model merged and quantised in process."""
+    from gemma_fusion.export import export_run
+    from gemma_fusion.models.quant import QuantizedLinear, quantize_frozen
+    from gemma_fusion.training.adapters import merge_lora
+    from gemma_fusion.training.restore import load_run
 
-    calls = []
-    fake = types.ModuleType("gemma_fusion.export")
-    fake.load_export = lambda path: calls.append(path) or ("model", "cfg")
-    monkeypatch.setitem(sys.modules, "gemma_fusion.export", fake)
-    (tmp_path / "export.json").write_text("{}")
-    assert load_for_inference(tmp_path) == ("model", "cfg") and calls == [tmp_path]
+    out = export_run(run_dir, tmp_path / "int8", "int8")
+    exported, cfg = load_for_inference(out)
+    assert any(isinstance(m, QuantizedLinear) for m in exported.modules()) and cfg.backbone.path == str(out)
+    reference, _ = load_run(run_dir, for_export=True)
+    merge_lora(reference)
+    quantize_frozen(reference.backbone.decoder, "int8")
+    request = Request(prompt="Read:", image=media / "noise.png", audio=media / "tone.wav")
+    texts = [answer(m, prompt_preprocessor(m, cfg.data), [request], "cpu", max_new_tokens=8)[0]["output"]
+             for m in (exported, reference)]
+    assert texts[0] == texts[1]
+    proc = _infer(f"run={out}", "prompt=Read:", f"image={media / 'noise.png'}", "max_new_tokens=4")
+    assert proc.returncode == 0, proc.stderr

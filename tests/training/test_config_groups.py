@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import train as train_entry
 from gemma_fusion.config import CONFIG_DIR
 
-GROUPS = ("backbone", "lora", "data", "optim", "logger", "checkpoint", "experiment", "trainer")
+GROUPS = ("backbone", "lora", "data", "optim", "logger", "checkpoint", "distill", "experiment", "trainer")
 NEEDS_GPU = {("trainer", "gpu"), ("trainer", "fsdp"), ("trainer", "ddp")}
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((Path(CONFIG_DIR) / group).glob("*.yaml"))]
 
@@ -44,6 +44,8 @@ def test_option_trains_two_steps(group, option, make_cfg, tiny_gemma4_dir, tmp_p
         extra = [f"backbone.path={tiny_gemma4_dir}", "backbone.pretrain=null"]
     if (group, option) == ("experiment", "finetune"):
         extra = [f"model.init_from={request.getfixturevalue('align_run')}"]
+    if (group, option) in (("experiment", "distill"), ("distill", "teacher")):  # the finished run teaches
+        extra = [f"distill.teacher={request.getfixturevalue('align_run')}"]
     cfg = make_cfg(f"{group}={option}", *extra, "trainer.max_steps=2", "checkpoint.every_n_steps=1",
                    "eval_after_train=false", "trainer.accelerator=cpu", "trainer.devices=1")
     train_entry.train(cfg, tmp_path)

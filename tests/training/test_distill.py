@@ -39,6 +39,11 @@ def test_kd_loss_is_zero_for_the_teacher_itself_and_top_k_of_everything_is_the_f
     assert kd_loss(student, F.log_softmax(values, -1), 2.0, indices).item() > 0
 
 
+def test_the_distill_preset_starts_an_int8_student_from_the_teacher(tiny_gemma4_dir, tiny_demo_dir, teacher_run):
+    cfg = compose_train(tiny_gemma4_dir, tiny_demo_dir, "experiment=distill", f"distill.teacher={teacher_run}")
+    assert cfg.backbone.quant == "int8" and cfg.model.init_from == str(teacher_run) and cfg.optim.lr.lora == 2e-4
+
+
 def test_an_int8_student_learns_from_the_teacher_online(tiny_gemma4_dir, tiny_demo_dir, teacher_run, tmp_path):
     cfg = compose_train(tiny_gemma4_dir, tiny_demo_dir, "experiment=distill", f"distill.teacher={teacher_run}",
                         "model.init_from=null", "eval_after_train=false", "trainer.max_steps=12",

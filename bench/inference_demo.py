@@ -1,0 +1,103 @@
+"""The demo model at bf16 / int8 / int4 and a distilled int8 student: held-out exact match, memory, decode speed.
+
+    python bench/inference_demo.py --run runs/demo [--student runs/demo_int8] [--out exports/bench] [--steps 32]
+
+For the trained run (`--run`, the teacher) it exports `quant=none dtype=bfloat16`, `quant=int8` and
+`quant=int4` (bf16 base, LoRA merged; `python -m gemma_fusion.export`) into `--out`, then for the run itself
+(float32, as trained), each export and the distilled student run (`--student`, evaluated as it trained: its
+adapters on its int8 base) measures, one after another in this process:
+
+- held-out exact match on the run's `data.val` (greedy, KV-cached; overall, image, audio), as `eval.py`;
+- weights: bytes of every parameter and buffer of the model (quantised layers as stored);
+- decode: time to first token (prefill of one image prompt) and tokens/s over `--steps` cached decode steps,
+  batch 1, median of 3 repeats, on this CPU with torch's default threads.
+
+Prints one JSON line per model and a final JSON line {"models": [...], "machine", "date"}; the student keeps
+`student_em / teacher_em` of the teacher's exact match (target >= 0.95).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def decode_speed(model, batch: dict, steps: int, repeats: int = 3) -> tuple[float, float]:
+    """(time to first token in s, decode tokens/s) for batch 1: prefill once, then `steps` cached steps."""
+    from gemma_fusion.inference.generate import CachedDecoder
+
+    ttfts, rates = [], []
+    with torch.no_grad():
+        for _ in range(repeats):
+            decoder = CachedDecoder(model, batch)
+            start = time.perf_counter()
+            logits = decoder.start()
+            ttfts.append(time.perf_counter() - start)
+            alive = torch.ones(1, dtype=torch.bool)
+            start = time.perf_counter()
+            for _ in range(steps):  # eos ignored: the same number of steps for every model
+                logits = decoder.step(logits.argmax(-1), alive)
+            rates.append(steps / (time.perf_counter() - start))
+    return statistics.median(ttfts), statistics.median(rates)
+
+
+def measure(name: str, path: Path, steps: int) -> dict:
+    from gemma_fusion.data.pipeline import make_loader, preprocessor_for
+    from gemma_fusion.eval.evaluate import evaluate, prompt_only
+    from gemma_fusion.models.quant import tensor_bytes
+    from gemma_fusion.training.restore import load_for_inference
+
+    model, cfg = load_for_inference(path)
+    data = cfg.data
+    preprocess = preprocessor_for(model, data.image_tokens, data.audio_max_seconds)
+    loader = make_loader(data.val, preprocess, data.eval_batch_size, split_by_rank=False)
+    result = evaluate(model, loader, max_new_tokens=16)
+    first = next(iter(make_loader(data.val, preprocess, 1, split_by_rank=False)))  # one image prompt
+    ttft, rate = decode_speed(model, prompt_only(first, model.tokens.pad), steps)
+    em = {"overall": result["overall"]["exact_match"],
+          **{m: v["exact_match"] for m, v in result.get("modalities", {}).items()}}
+    return {"model": name, "path": str(path), "exact_match": em, "n": result["overall"]["n"],
+            "weights_bytes": tensor_bytes(model),
+            "ttft_s": round(ttft, 4), "decode_tokens_per_s": round(rate, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="the trained demo run (the teacher)")
+    parser.add_argument("--student", help="a distilled student run (experiment=distill)")
+    parser.add_argument("--out", default="exports/bench", help="where the exports go")
+    parser.add_argument("--steps", type=int, default=32, help="decode steps timed")
+    args = parser.parse_args()
+
+    from gemma_fusion.export import export_run
+
+    out = Path(args.out)
+    models = [("run float32", Path(args.run))]
+    for quant in ("none", "int8", "int4"):
+        target = out / f"{quant}_bf16"
+        export_run(args.run, target, quant, dtype="bfloat16", overwrite=True)
+        models.append((f"export {'bf16' if quant == 'none' else quant}", target))
+    if args.student:
+        models.append(("student int8 (distilled)", Path(args.student)))
+    rows = []
+    for name, path in models:
+        row = measure(name, path, args.steps)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    teacher = rows[0]["exact_match"]["overall"]
+    for row in rows:
+        row["em_vs_teacher"] = round(row["exact_match"]["overall"] / teacher, 4) if teacher else None
+    print(json.dumps({"models": rows, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                      "machine": platform.processor() or platform.machine(),
+                      "date": datetime.date.today().isoformat()}))
+
+
+if __name__ == "__main__":
+    main()
