@@ -44,6 +44,12 @@ def train(cfg: DictConfig, run_dir: Path):
     from gemma_fusion.training.checkpointing import AtomicCheckpointIO, SignalCheckpoint, slurm_environment
     from gemma_fusion.training.module import FusionLitModule
 
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:  # e.g. experiment=finetune without model.init_from, data=shards without data.train
+        raise UserError(f"{', '.join(missing)} must be set (e.g. {missing[0]}=...): the chosen options leave "
+                        f"{'it' if len(missing) == 1 else 'them'} open.")
     distiller = build_distiller(cfg)  # bad distill settings stop here, before anything is built
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # (read from RANK / LOCAL_RANK / SLURM_PROCID): one process writes RUN's files

@@ -8,7 +8,8 @@ For the trained run (`--run`, the teacher) it exports `quant=none dtype=bfloat16
 adapters on its int8 base) measures, one after another in this process:
 
 - held-out exact match on the run's `data.val` (greedy, KV-cached; overall, image, audio), as `eval.py`;
-- weights: bytes of every parameter and buffer of the model (quantised layers as stored);
+- weights: bytes of every parameter and buffer of the model (quantised layers as stored), and of the backbone
+  alone (decoder, embeddings, LM head; with the student's unmerged LoRA adapters);
 - decode: time to first token (prefill of one image prompt) and tokens/s over `--steps` cached decode steps,
   batch 1, median of 3 repeats, on this CPU with torch's default threads.
 
@@ -64,7 +65,7 @@ def measure(name: str, path: Path, steps: int) -> dict:
     em = {"overall": result["overall"]["exact_match"],
           **{m: v["exact_match"] for m, v in result.get("modalities", {}).items()}}
     return {"model": name, "path": str(path), "exact_match": em, "n": result["overall"]["n"],
-            "weights_bytes": tensor_bytes(model),
+            "weights_bytes": tensor_bytes(model), "backbone_bytes": tensor_bytes(model.backbone),
             "ttft_s": round(ttft, 4), "decode_tokens_per_s": round(rate, 1)}
 
 

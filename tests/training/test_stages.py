@@ -70,3 +70,4 @@ def test_compiled_layers_give_the_same_loss_and_gradients(make_cfg):
         assert all(layer._compiled_call_impl is not None for layer in model.backbone.decoder.layers) == flag
 
     _same_losses_and_gradients(make_cfg, "model.compile", 2, 1e-5, compiled)
+

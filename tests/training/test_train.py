@@ -161,3 +161,8 @@ def test_compute_matched_runs_spend_the_budget(make_cfg, tmp_path, mode):
 def test_compute_match_without_a_budget_is_one_sentence(make_cfg, tmp_path):
     with pytest.raises(UserError, match="compute.budget"):
         train_entry.train(make_cfg("compute.match=flops"), tmp_path)
+
+
+def test_a_value_the_chosen_options_leave_open_is_one_sentence(make_cfg, tmp_path):
+    with pytest.raises(UserError, match=r"data.train, data.val must be set"):
+        train_entry.train(make_cfg("data=shards", "data.train=???", "data.val=???"), tmp_path)
