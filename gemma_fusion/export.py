@@ -33,7 +33,6 @@ import json
 import logging
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gemma_fusion.errors import UserError, exit_on_user_error
+from gemma_fusion.files import staged_directory
 from gemma_fusion.models.backbone import DTYPES
 
 log = logging.getLogger(__name__)
@@ -134,9 +134,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, quant: str = "none", gr
             "transformers_compatible": transformers_compatible(model, quant, native),
             "native_projectors": native, "quantized": quantized, "config": run_cfg}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as tmp:  # a failed export leaves no partial OUT
         if quant == "none":
             full.save_pretrained(tmp)
         else:  # the module names; load_export rebuilds the quantised layers from them
@@ -148,12 +146,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, quant: str = "none", gr
             if (backbone_dir / name).is_file():
                 shutil.copy2(backbone_dir / name, tmp / name)
         (tmp / "export.json").write_text(json.dumps(meta, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s -> %s (quant=%s, LoRA merged: %s)", run_dir, out_dir, quant, merged)
     return out_dir
 

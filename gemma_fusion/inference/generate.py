@@ -47,14 +47,14 @@ class CachedDecoder:
         self.mask = left_valid.long()
         self.next_position = lengths[:, None]  # B, 1
         self.cache = DynamicCache(config=self.model.backbone.text_config)
-        hidden = self.model.backbone.forward_cached(embeds, self.cache, self.mask, positions, block_ids)
+        hidden = self.model.backbone(embeds, self.mask, positions, block_ids, cache=self.cache)
         return self.model.backbone.logits(hidden[:, -1])
 
     def step(self, next_ids: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         """Feed `next_ids` [B] (finished rows too: their results are ignored)."""
         self.mask = torch.nn.functional.pad(self.mask, (0, 1), value=1)
         embeds = self.model.backbone.embed(next_ids[:, None])  # B, 1, H
-        hidden = self.model.backbone.forward_cached(embeds, self.cache, self.mask, self.next_position)
+        hidden = self.model.backbone(embeds, self.mask, self.next_position, cache=self.cache)
         self.next_position = self.next_position + 1
         return self.model.backbone.logits(hidden[:, -1])
 

@@ -50,7 +50,7 @@ class Backbone(nn.Module):
     """A decoder-only LM split into `embed` -> `forward` (hidden states) -> `logits`.
 
     Splitting lets the FusionModel insert soft tokens between embedding and decoding, and compute the
-    LM head only at target positions. `forward_cached` is the decoding step with a KV cache (generation).
+    LM head only at target positions; with a `cache` it is also the decoding step of generation.
     """
 
     def __init__(self, decoder: nn.Module, lm_head: nn.Module, text_config, model_type: str):
@@ -80,6 +80,7 @@ class Backbone(nn.Module):
         position_ids: torch.Tensor | None = None,
         block_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        cache=None,
     ) -> torch.Tensor:
         """[B, S, H] embeddings -> [B, S, H] final hidden states.
 
@@ -87,52 +88,26 @@ class Backbone(nn.Module):
         (-1 = ordinary causal text), exactly as transformers' `block_sequence_ids`. `segment_ids`
         [B, S] numbers the samples packed into a row: attention stays inside each (transformers'
         `packed_sequence_mask_function`); pass `position_ids` that restart per sample with it.
+        `cache` (generation): a transformers `DynamicCache(config=backbone.text_config)` that these S positions
+        extend, empty for the prefill; `attention_mask` [B, cached + S] then marks padding columns with 0 and
+        `position_ids` [B, S] holds each row's own positions (`block_ids` only in the prefill).
         """
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
         mask = attention_mask
         has_blocks = block_ids is not None and bool((block_ids >= 0).any())
-        if has_blocks or segment_ids is not None:
-            mask = create_masks_for_generate(
+        if has_blocks or segment_ids is not None or cache is not None:
+            mask = create_masks_for_generate(  # sized against the cache before this call appends to it
                 config=self.text_config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                cache=None,
+                cache=cache,
                 position_ids=position_ids,
                 block_sequence_ids=block_ids if has_blocks else None,
                 and_mask_function=None if segment_ids is None else packed_sequence_mask_function(segment_ids),
             )
-        out = self.decoder(
-            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
-        )
-        return out.last_hidden_state
-
-    def forward_cached(
-        self,
-        inputs_embeds: torch.Tensor,
-        cache,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        block_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """[B, Q, H] embeddings of the next Q positions -> [B, Q, H] hidden states, extending `cache`.
-
-        `cache`: a transformers `DynamicCache(config=backbone.text_config)`, empty for the prefill. `attention_mask`
-        [B, cached + Q]: 0 marks padding columns (left padding). `position_ids` [B, Q]: each row's own positions.
-        `block_ids` [B, Q]: bidirectional blocks as in `forward`; only for the prefill (cache still empty).
-        """
-        has_blocks = block_ids is not None and bool((block_ids >= 0).any())
-        mask = create_masks_for_generate(  # sized against the cache before this call appends to it
-            config=self.text_config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-            block_sequence_ids=block_ids if has_blocks else None,
-        )
-        out = self.decoder(
-            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
-        )
+        out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, cache=cache,
+                           use_cache=cache is not None)
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

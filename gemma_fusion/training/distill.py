@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from gemma_fusion.errors import UserError
+from gemma_fusion.files import staged_directory
 from gemma_fusion.models.fusion import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -132,9 +133,6 @@ def write_cache(teacher_path: str, train_spec, cache_dir: Path, top_k: int, batc
                 allow_pipe: bool = False) -> dict:
     """One pass over the training shards with the teacher under its own preprocessing: its top-k log-probs of every
     target token of every sample -> cache_dir (written in a temporary directory, renamed into place at the end)."""
-    import shutil
-    import tempfile
-
     from gemma_fusion.data.pipeline import make_loader, preprocessor_for
 
     teacher, tcfg = load_teacher(teacher_path)
@@ -143,17 +141,15 @@ def write_cache(teacher_path: str, train_spec, cache_dir: Path, top_k: int, batc
                                   tcfg.data.get("max_length"))
     loader = make_loader(train_spec, preprocess, batch_size, 0, 0, resampled=False, allow_pipe=allow_pipe,
                          split_by_rank=False)
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
     files, pending, samples = [], {}, 0
+    with staged_directory(cache_dir) as tmp:  # an interrupted pass leaves no partial cache
 
-    def flush():
-        name = f"topk-{len(files):06d}.safetensors"
-        save_file(pending, str(tmp / name))
-        files.append(name)
-        pending.clear()
+        def flush():
+            name = f"topk-{len(files):06d}.safetensors"
+            save_file(pending, str(tmp / name))
+            files.append(name)
+            pending.clear()
 
-    try:
         for batch in tqdm(loader, desc="teacher top-k cache", unit="batch"):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             out = teacher(**{k: v for k, v in batch.items() if k != "meta"})
@@ -171,12 +167,6 @@ def write_cache(teacher_path: str, train_spec, cache_dir: Path, top_k: int, batc
         index = {"format": CACHE_FORMAT, "teacher": str(Path(teacher_path).absolute()), "top_k": top_k,
                  "samples": samples, "files": files}
         (tmp / "index.json").write_text(json.dumps(index, indent=2))
-        if cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        tmp.rename(cache_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("distill: cached the teacher's top-%d of %d samples in %s", top_k, samples, cache_dir)
     return index
 
