@@ -37,7 +37,7 @@ VOCAB, HIDDEN, LAYERS, BATCH, IMAGE_TOKENS, TEXT_TOKENS, TARGETS = 262_144, 256,
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(seed: int = 0):
+def build(seed: int = 0, vocab: int = VOCAB, hidden: int = HIDDEN, layers: int = LAYERS):
     """(transformers model, batch) — the same weights and batch in every process."""
     import torch
     from transformers import Gemma4UnifiedForConditionalGeneration
@@ -46,8 +46,8 @@ def build(seed: int = 0):
     from gemma_fusion.models.tiny import tiny_gemma4_config
 
     torch.manual_seed(seed)
-    config = tiny_gemma4_config(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
-                                num_key_value_heads=2, head_dim=64, intermediate_size=4 * HIDDEN, vocab_size=VOCAB)
+    config = tiny_gemma4_config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=64, intermediate_size=4 * hidden, vocab_size=vocab)
     full = Gemma4UnifiedForConditionalGeneration(config).eval()
     text = config.get_text_config()
     g = torch.Generator().manual_seed(seed)
@@ -56,7 +56,7 @@ def build(seed: int = 0):
     positions = torch.tensor([(x, y) for y in range(height) for x in range(width)]).expand(BATCH, -1, -1)
     ids = [text.bos_token_id, config.boi_token_id, *[config.image_token_id] * IMAGE_TOKENS, config.eoi_token_id]
     input_ids = torch.cat([torch.tensor(ids).expand(BATCH, -1),
-                           torch.randint(300, VOCAB, (BATCH, TEXT_TOKENS), generator=g)], dim=1)
+                           torch.randint(300, vocab, (BATCH, TEXT_TOKENS), generator=g)], dim=1)
     labels = torch.full_like(input_ids, -100)
     labels[:, -TARGETS:] = input_ids[:, -TARGETS:]
     mm = (input_ids == config.image_token_id).long() * IMAGE
@@ -82,7 +82,7 @@ def ours(full, batch):
                   posemb_size=vc.mm_posemb_size, eps=vc.rms_norm_eps)
     loaded = split_full_model(full, BackboneSpec(config, "gemma4_unified", None, tokens, MultimodalSpec(vision=vision),
                                                  True))
-    projector = PatchEmbedder(out_dim=HIDDEN, **vision)
+    projector = PatchEmbedder(out_dim=config.get_text_config().hidden_size, **vision)
     projector.load_state_dict(loaded.multimodal.vision_state)
     model = FusionModel(loaded.backbone, tokens, projector, None, bidirectional_image=True)
     add_lora(model.backbone.decoder, 16, 32, 0.0, LORA_TARGETS)
