@@ -41,9 +41,10 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common import image_grid
+
 import torch
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = 16
 
 
@@ -89,41 +90,13 @@ def build_model(config, device: torch.device, lora: bool):
     """FusionModel on `device`: random bf16 backbone (seeded), float32 projectors from its embedders, LoRA r16."""
     from transformers import Gemma4UnifiedForConditionalGeneration
 
-    from gemma_fusion.models.backbone import BackboneSpec, MultimodalSpec, SpecialTokens, split_full_model
-    from gemma_fusion.models.fusion import FusionModel
-    from gemma_fusion.models.projectors import AudioFrameProjector, PatchEmbedder
-    from gemma_fusion.training.trainable import add_lora, set_trainable
+    from common import fusion_model
 
     torch.manual_seed(0)
     with torch.device(device):
         full = Gemma4UnifiedForConditionalGeneration._from_config(config, dtype=torch.bfloat16,
                                                                    attn_implementation="sdpa").eval()
-    text, vc, ac = config.get_text_config(), config.vision_config, config.audio_config
-    tokens = SpecialTokens(bos=text.bos_token_id, eos=text.eos_token_id, pad=text.pad_token_id,
-                           image_start=[config.boi_token_id], image_end=[config.eoi_token_id],
-                           image_token=config.image_token_id, audio_start=[config.boa_token_id],
-                           audio_end=[config.eoa_token_index], audio_token=config.audio_token_id)
-    vision = dict(patch_size=vc.patch_size, pooling_kernel_size=vc.pooling_kernel_size, embed_dim=vc.mm_embed_dim,
-                  posemb_size=vc.mm_posemb_size, eps=vc.rms_norm_eps)
-    audio = dict(frame_dim=ac.audio_embed_dim, eps=ac.rms_norm_eps)
-    loaded = split_full_model(full, BackboneSpec(config, "gemma4_unified", None, tokens,
-                                                 MultimodalSpec(vision=vision, audio=audio), True))
-    hidden = text.hidden_size
-    with torch.device(device):
-        vision_proj, audio_proj = PatchEmbedder(out_dim=hidden, **vision), AudioFrameProjector(out_dim=hidden, **audio)
-    vision_proj.load_state_dict(loaded.multimodal.vision_state)
-    audio_proj.load_state_dict(loaded.multimodal.audio_state)
-    model = FusionModel(loaded.backbone, tokens, vision_proj, audio_proj, bidirectional_image=True)
-    if lora:
-        add_lora(model.backbone.decoder, 16, 32, 0.0, LORA_TARGETS)
-    set_trainable(model)
-    return model
-
-
-def image_grid(n: int) -> tuple[int, int]:
-    """(width, height) of an n-token image, as square as n's divisors allow (1120 -> 35 x 32)."""
-    width = next(w for w in range(int(n ** 0.5), n + 1) if n % w == 0 and w * w >= n)
-    return width, n // width
+    return fusion_model(full, lora).to(device)
 
 
 def train_batch(model, sizes: Sizes, vocab: int, device: torch.device) -> dict:

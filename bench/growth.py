@@ -40,11 +40,12 @@ import sys
 import time
 from pathlib import Path
 
+from common import image_grid
+
 VOCAB, HIDDEN, LAYERS, BATCH, TAIL, TARGETS = 262_144, 256, 2, 1, 32, 16
 SWEEPS = {"image": (70, 140, 280, 560, 1120), "audio": (1, 5, 10, 30), "text": (128, 512, 2048)}
 UNITS = {"image": "image tokens", "audio": "seconds", "text": "tokens"}
 AUDIO_TOKENS_PER_S, FRAME = 25, 640
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build_model(seed: int = 0):
@@ -52,41 +53,14 @@ def build_model(seed: int = 0):
     import torch
     from transformers import Gemma4UnifiedForConditionalGeneration
 
-    from gemma_fusion.models.backbone import BackboneSpec, MultimodalSpec, SpecialTokens, split_full_model
-    from gemma_fusion.models.fusion import FusionModel
-    from gemma_fusion.models.projectors import AudioFrameProjector, PatchEmbedder
+    from common import fusion_model
     from gemma_fusion.models.tiny import tiny_gemma4_config
-    from gemma_fusion.training.trainable import add_lora, set_trainable
 
     torch.manual_seed(seed)
     config = tiny_gemma4_config(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
                                 num_key_value_heads=2, head_dim=64, intermediate_size=4 * HIDDEN, vocab_size=VOCAB,
                                 audio_samples_per_token=FRAME)
-    full = Gemma4UnifiedForConditionalGeneration(config).eval()
-    text, vc, ac = config.get_text_config(), config.vision_config, config.audio_config
-    tokens = SpecialTokens(bos=text.bos_token_id, eos=1, pad=0, image_start=[config.boi_token_id],
-                           image_end=[config.eoi_token_id], image_token=config.image_token_id,
-                           audio_start=[config.boa_token_id], audio_end=[config.eoa_token_index],
-                           audio_token=config.audio_token_id)
-    vision = dict(patch_size=vc.patch_size, pooling_kernel_size=vc.pooling_kernel_size, embed_dim=vc.mm_embed_dim,
-                  posemb_size=vc.mm_posemb_size, eps=vc.rms_norm_eps)
-    audio = dict(frame_dim=ac.audio_embed_dim, eps=ac.rms_norm_eps)
-    loaded = split_full_model(full, BackboneSpec(config, "gemma4_unified", None, tokens,
-                                                 MultimodalSpec(vision=vision, audio=audio), True))
-    vision_proj = PatchEmbedder(out_dim=HIDDEN, **vision)
-    vision_proj.load_state_dict(loaded.multimodal.vision_state)
-    audio_proj = AudioFrameProjector(out_dim=HIDDEN, **audio)
-    audio_proj.load_state_dict(loaded.multimodal.audio_state)
-    model = FusionModel(loaded.backbone, tokens, vision_proj, audio_proj, bidirectional_image=True)
-    add_lora(model.backbone.decoder, 16, 32, 0.0, LORA_TARGETS)
-    set_trainable(model)
-    return model.train()
-
-
-def grid(n: int) -> tuple[int, int]:
-    """(width, height) of an n-token image, as square as n's divisors allow (70 -> 10 x 7)."""
-    width = next(w for w in range(int(n ** 0.5), n + 1) if n % w == 0 and w * w >= n)
-    return width, n // width
+    return fusion_model(Gemma4UnifiedForConditionalGeneration(config).eval()).train()
 
 
 def make_batch(model, sweep: str, size: int, seed: int = 0) -> dict:
@@ -100,7 +74,7 @@ def make_batch(model, sweep: str, size: int, seed: int = 0) -> dict:
     text = lambda n: torch.randint(300, VOCAB, (n,), generator=g).tolist()  # noqa: E731
     batch = {}
     if sweep == "image":
-        width, height = grid(size)
+        width, height = image_grid(size)
         ids = [t.bos, *t.image_start, *[t.image_token] * size, *t.image_end, *text(TAIL)]
         positions = torch.tensor([(x, y) for y in range(height) for x in range(width)])
         batch.update(pixel_values=torch.rand(BATCH, size, model.vision.patch_dim, generator=g),

@@ -33,7 +33,6 @@ import time
 import torch
 
 HIDDEN, LAYERS, VOCAB, BATCH, IMAGE_TOKENS, TEXT_TOKENS, TARGETS = 512, 4, 4096, 4, 280, 64, 16
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build():

@@ -34,7 +34,6 @@ import sys
 import time
 
 VOCAB, HIDDEN, LAYERS, BATCH, IMAGE_TOKENS, TEXT_TOKENS, TARGETS = 262_144, 256, 2, 4, 280, 64, 16
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build(seed: int = 0, vocab: int = VOCAB, hidden: int = HIDDEN, layers: int = LAYERS):
@@ -67,34 +66,16 @@ def build(seed: int = 0, vocab: int = VOCAB, hidden: int = HIDDEN, layers: int =
 
 
 def ours(full, batch):
-    from gemma_fusion.models.backbone import BackboneSpec, MultimodalSpec, SpecialTokens, split_full_model
-    from gemma_fusion.models.fusion import FusionModel
-    from gemma_fusion.models.projectors import PatchEmbedder
-    from gemma_fusion.training.trainable import add_lora
+    from common import fusion_model
 
-    config = full.config
-    vc = config.vision_config
-    tokens = SpecialTokens(bos=config.get_text_config().bos_token_id, eos=1, pad=0, image_start=[config.boi_token_id],
-                           image_end=[config.eoi_token_id], image_token=config.image_token_id,
-                           audio_start=[config.boa_token_id], audio_end=[config.eoa_token_index],
-                           audio_token=config.audio_token_id)
-    vision = dict(patch_size=vc.patch_size, pooling_kernel_size=vc.pooling_kernel_size, embed_dim=vc.mm_embed_dim,
-                  posemb_size=vc.mm_posemb_size, eps=vc.rms_norm_eps)
-    loaded = split_full_model(full, BackboneSpec(config, "gemma4_unified", None, tokens, MultimodalSpec(vision=vision),
-                                                 True))
-    projector = PatchEmbedder(out_dim=config.get_text_config().hidden_size, **vision)
-    projector.load_state_dict(loaded.multimodal.vision_state)
-    model = FusionModel(loaded.backbone, tokens, projector, None, bidirectional_image=True)
-    add_lora(model.backbone.decoder, 16, 32, 0.0, LORA_TARGETS)
-    from gemma_fusion.training.trainable import set_trainable
-
-    set_trainable(model)
-    model.train()
+    model = fusion_model(full).train()
     return model, lambda: model(**batch).loss
 
 
 def theirs(full, batch):
     from peft import LoraConfig, get_peft_model
+
+    from common import LORA_TARGETS
 
     target = r"model\.language_model\.layers\.\d+\..*\.(" + "|".join(LORA_TARGETS) + ")"
     model = get_peft_model(full, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=target))

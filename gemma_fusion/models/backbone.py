@@ -170,30 +170,36 @@ def read_backbone_spec(path: str | Path) -> BackboneSpec:
     path = Path(path).expanduser()
     config, model_type = _read_config(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    spec = MultimodalSpec()
     if model_type == "gemma4_unified":
-        text_config = config.get_text_config()
-        if config.vision_config is not None:
-            vc = config.vision_config
-            spec.vision = dict(patch_size=vc.patch_size, pooling_kernel_size=vc.pooling_kernel_size,
-                               embed_dim=vc.mm_embed_dim, posemb_size=vc.mm_posemb_size, eps=vc.rms_norm_eps)
-        if config.audio_config is not None:
-            spec.audio = dict(frame_dim=config.audio_config.audio_embed_dim, eps=config.audio_config.rms_norm_eps)
-        tokens = SpecialTokens(
-            bos=text_config.bos_token_id, eos=_first(text_config.eos_token_id), pad=text_config.pad_token_id,
-            image_start=[config.boi_token_id], image_end=[config.eoi_token_id], image_token=config.image_token_id,
-            audio_start=[config.boa_token_id], audio_end=[config.eoa_token_index], audio_token=config.audio_token_id,
-        )
-        bidirectional = text_config.use_bidirectional_attention == "vision"
-    else:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _first(tokenizer.eos_token_id)
-        tokens = SpecialTokens(
-            bos=tokenizer.bos_token_id, eos=_first(tokenizer.eos_token_id), pad=pad,
-            image_start=_text_markers(tokenizer, "<image>"), image_end=_text_markers(tokenizer, "</image>"),
-            image_token=pad, audio_start=_text_markers(tokenizer, "<audio>"),
-            audio_end=_text_markers(tokenizer, "</audio>"), audio_token=pad,
-        )
-        bidirectional = False
+        return gemma4_spec(config, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _first(tokenizer.eos_token_id)
+    tokens = SpecialTokens(
+        bos=tokenizer.bos_token_id, eos=_first(tokenizer.eos_token_id), pad=pad,
+        image_start=_text_markers(tokenizer, "<image>"), image_end=_text_markers(tokenizer, "</image>"),
+        image_token=pad, audio_start=_text_markers(tokenizer, "<audio>"),
+        audio_end=_text_markers(tokenizer, "</audio>"), audio_token=pad,
+    )
+    return BackboneSpec(config, model_type, tokenizer, tokens, MultimodalSpec(), False)
+
+
+def gemma4_spec(config, tokenizer=None) -> BackboneSpec:
+    """What a Gemma 4 unified config says (special tokens, embedder geometry, bidirectional images); also for a
+    model built in memory from a config (benchmarks), where there may be no tokenizer."""
+    text_config = config.get_text_config()
+    spec = MultimodalSpec()
+    if config.vision_config is not None:
+        vc = config.vision_config
+        spec.vision = dict(patch_size=vc.patch_size, pooling_kernel_size=vc.pooling_kernel_size,
+                           embed_dim=vc.mm_embed_dim, posemb_size=vc.mm_posemb_size, eps=vc.rms_norm_eps)
+    if config.audio_config is not None:
+        spec.audio = dict(frame_dim=config.audio_config.audio_embed_dim, eps=config.audio_config.rms_norm_eps)
+    tokens = SpecialTokens(
+        bos=text_config.bos_token_id, eos=_first(text_config.eos_token_id), pad=text_config.pad_token_id,
+        image_start=[config.boi_token_id], image_end=[config.eoi_token_id], image_token=config.image_token_id,
+        audio_start=[config.boa_token_id], audio_end=[config.eoa_token_index], audio_token=config.audio_token_id,
+    )
+    return BackboneSpec(config, "gemma4_unified", tokenizer, tokens, spec,
+                        text_config.use_bidirectional_attention == "vision")
     return BackboneSpec(config, model_type, tokenizer, tokens, spec, bidirectional)
 
 

@@ -95,7 +95,12 @@ class FusionModel(nn.Module):
         if export.is_file() and json.loads(export.read_text()).get("quant", "none") != "none":
             raise UserError(f"{path} is a quantised gemma_fusion export; load it with "
                             "gemma_fusion.export.load_export(path) (or python -m gemma_fusion.infer run=PATH).")
-        loaded = load_backbone(path, dtype=dtype)
+        return cls.from_loaded(load_backbone(path, dtype=dtype), **kwargs)
+
+    @classmethod
+    def from_loaded(cls, loaded, **kwargs) -> "FusionModel":
+        """A split transformers model (`backbone.load_backbone` / `split_full_model`) with its own embedders as
+        the projectors (Gemma 4 unified; none for other causal LMs)."""
         hidden = loaded.backbone.hidden_size
         vision = audio = None
         if loaded.multimodal.vision_state is not None:
