@@ -76,7 +76,9 @@ class Distiller:
             raise UserError(f"distill.alpha={alpha} must be between 0 (cross-entropy only) and 1 (KL only).")
         if temperature <= 0:
             raise UserError(f"distill.temperature={temperature} must be > 0.")
-        if not ((Path(teacher_path) / "export.json").is_file() or (Path(teacher_path) / "config.yaml").is_file()):
+        from gemma_fusion.training.restore import model_dir_kind
+
+        if model_dir_kind(teacher_path) is None:
             raise UserError(f"distill.teacher={teacher_path} is neither a train.py run (config.yaml + final/) nor an "
                             "export (export.json); pass the directory of a finished run.")
         if cache and top_k <= 0:

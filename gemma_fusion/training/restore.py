@@ -38,14 +38,22 @@ def load_run(run_dir: str | Path, for_export: bool = False):
     return model.eval(), cfg
 
 
-def load_for_inference(path: str | Path):
-    """A train.py run directory (config.yaml + final/) or an export (export.json) -> (FusionModel, its config)."""
+def model_dir_kind(path: str | Path) -> str | None:
+    """"export" (a `gemma_fusion.export` directory), "run" (a train.py run directory) or None."""
     path = Path(path).expanduser()
     if (path / "export.json").is_file():
+        return "export"
+    return "run" if (path / "config.yaml").is_file() else None
+
+
+def load_for_inference(path: str | Path):
+    """A train.py run directory (config.yaml + final/) or an export (export.json) -> (FusionModel, its config)."""
+    kind = model_dir_kind(path)
+    if kind == "export":
         from gemma_fusion.export import load_export
 
-        return load_export(path)
-    if (path / "config.yaml").is_file():  # load_run says what is missing if training has not finished
-        return load_run(path)
+        return load_export(Path(path).expanduser())
+    if kind == "run":  # load_run says what is missing if training has not finished
+        return load_run(Path(path).expanduser())
     raise UserError(f"run={path} is neither a train.py run directory (config.yaml and final/) nor an export "
                     "(export.json).")
