@@ -8,7 +8,8 @@ difference in exact match and in per-sample loss with a paired bootstrap 95 % in
 tell a real difference from the noise of a few hundred samples.
 
 Writes `A/eval_compare.json` = {"runs": [{"run", "label", "cost", "overall", "modalities"}, ...],
-"paired": [{"run", "against", "n", "exact_match_diff": [mean, lo, hi], "loss_diff": [mean, lo, hi]}]}.
+"paired": [{"run", "against", "n", "exact_match_diff": [mean, lo, hi], "loss_diff": [mean, lo, hi],
+"modalities": {"image": {"n", "exact_match_diff"}, ...}}]}.
 """
 from __future__ import annotations
 
@@ -72,7 +73,13 @@ def paired(records: dict[str, dict], base: dict[str, dict]) -> dict:
                         "(data.eval=SHARDS).")
     em = [records[k]["exact_match"] - base[k]["exact_match"] for k in keys]
     loss = [records[k]["loss"] - base[k]["loss"] for k in keys]
-    return {"n": len(keys), "exact_match_diff": paired_bootstrap(em), "loss_diff": paired_bootstrap(loss)}
+    modalities = {}
+    for modality in sorted({records[k].get("modality") for k in keys} - {None}):
+        mine = [k for k in keys if records[k].get("modality") == modality]
+        modalities[modality] = {"n": len(mine), "exact_match_diff": paired_bootstrap(
+            [records[k]["exact_match"] - base[k]["exact_match"] for k in mine])}
+    return {"n": len(keys), "exact_match_diff": paired_bootstrap(em), "loss_diff": paired_bootstrap(loss),
+            "modalities": modalities}
 
 
 def compare_runs(run_dirs: list[Path], results: list[dict]) -> dict:
@@ -107,6 +114,11 @@ def print_comparison(comparison: dict) -> None:
         print(f"{r['label']} minus {base} on {p['n']} paired samples (95 % paired bootstrap): exact match "
               f"{em[0]:+.3f} [{em[1]:+.3f}, {em[2]:+.3f}] ({_direction(em)}), loss {loss[0]:+.4f} "
               f"[{loss[1]:+.4f}, {loss[2]:+.4f}] ({_direction(loss)})")
+        if len(p["modalities"]) > 1:  # a difference in one modality can hide in the overall figure
+            for modality, m in p["modalities"].items():
+                d = m["exact_match_diff"]
+                print(f"  {modality} ({m['n']} samples): exact match {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] "
+                      f"({_direction(d)})")
 
 
 def _direction(interval: list[float]) -> str:

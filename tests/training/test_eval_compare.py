@@ -73,6 +73,7 @@ def test_raw_frames_and_mel_encoder_switch_by_one_override_and_eval_compares_the
     assert second["cost"]["projector_flops_per_sample"] > first["cost"]["projector_flops_per_sample"] > 0
     paired = comparison["paired"][0]
     assert paired["n"] == 8 and paired["against"] == str(runs["audio_frames"])
+    assert paired["modalities"]["audio"]["n"] == 8  # speech only: the one modality is the whole set
     mean, lo, hi = paired["loss_diff"]
     assert lo <= mean <= hi
     assert mean == pytest.approx(second["overall"]["loss"] - first["overall"]["loss"], abs=0.5)  # per-sample vs per-token mean
