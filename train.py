@@ -50,6 +50,9 @@ def train(cfg: DictConfig, run_dir: Path):
     if missing:  # e.g. experiment=finetune without model.init_from, data=shards without data.train
         raise UserError(f"{', '.join(missing)} must be set (e.g. {missing[0]}=...): the chosen options leave "
                         f"{'it' if len(missing) == 1 else 'them'} open.")
+    if cfg.model.get("require_init_from") and not cfg.model.get("init_from"):
+        raise UserError("this experiment continues an earlier run: pass model.init_from=RUN (e.g. experiment=finetune "
+                        "model.init_from=runs/align).")
     distiller = build_distiller(cfg)  # bad distill settings stop here, before anything is built
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # (read from RANK / LOCAL_RANK / SLURM_PROCID): one process writes RUN's files

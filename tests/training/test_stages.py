@@ -71,3 +71,7 @@ def test_compiled_layers_give_the_same_loss_and_gradients(make_cfg):
 
     _same_losses_and_gradients(make_cfg, "model.compile", 2, 1e-5, compiled)
 
+
+def test_finetune_without_the_first_stage_is_one_sentence(make_cfg, tmp_path):
+    with pytest.raises(UserError, match=r"pass model.init_from=RUN"):
+        train_script.train(make_cfg("experiment=finetune"), tmp_path)
