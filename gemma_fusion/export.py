@@ -37,13 +37,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gemma_fusion.errors import UserError, exit_on_user_error
 from gemma_fusion.files import staged_directory
-from gemma_fusion.models.backbone import DTYPES
+from gemma_fusion.models.backbone import DTYPES, meta_model, module_paths
 
 log = logging.getLogger(__name__)
 FORMAT = "gemma_fusion.export/1"
@@ -52,22 +51,6 @@ NATIVE_DESIGNS = {"vision": "PatchEmbedder", "audio": "AudioFrameProjector"}  # 
 GEMMA4_EMBEDDERS = {"vision": "model.embed_vision.", "audio": "model.embed_audio."}
 COPIED_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json",
                 "chat_template.jinja", "chat_template.json", "pretrain.json")
-
-
-def module_paths(full: nn.Module) -> tuple[str, str]:
-    """(decoder path, LM head path) inside a transformers model, e.g. ("model.language_model", "lm_head")."""
-    decoder, head = full.get_decoder(), full.get_output_embeddings()
-    names = {id(m): n for n, m in full.named_modules()}
-    return names[id(decoder)], names[id(head)]
-
-
-def skeleton(config, model_type: str) -> nn.Module:
-    """The whole transformers model for `config` on the meta device: names and shapes, no memory."""
-    from gemma_fusion.models.backbone import full_model_class
-
-    with torch.device("meta"):
-        cls = full_model_class(model_type)
-        return cls(config) if model_type == "gemma4_unified" else cls.from_config(config)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, quant: str = "none", group_size: int = 64,
@@ -97,7 +80,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, quant: str = "none", gr
     if quant != "none":
         quantize_frozen(decoder, quant, group_size)
     config = AutoConfig.from_pretrained(backbone_dir, trust_remote_code=False)
-    full = skeleton(config, model.backbone.model_type)
+    full = meta_model(config)
     decoder_prefix, head_prefix = (p + "." for p in module_paths(full))
     dtype_of = model.backbone.dtype
 
@@ -258,7 +241,7 @@ def quantized_model(path: Path, spec, meta: dict, dtype: torch.dtype, attn_imple
     from gemma_fusion.models.quant import QuantizedLinear
 
     spec.config._attn_implementation = attn_implementation
-    full = skeleton(spec.config, spec.model_type).to(dtype)
+    full = meta_model(spec.config, dtype)
     tensors = load_file(str(path / "model.safetensors"))
     for name, info in meta["quantized"].items():
         parent, _, child = name.rpartition(".")

@@ -81,21 +81,14 @@ def load_config(backbone: str):
 
 def _meta_model(config):
     """(whole model, decoder) on the meta device, in bf16: shapes and dtypes without memory."""
-    config = copy.deepcopy(config)
-    with torch.device("meta"):
-        if config.model_type == "gemma4_unified":
-            from transformers import Gemma4UnifiedForConditionalGeneration
+    from gemma_fusion.models.backbone import meta_model
 
-            model = Gemma4UnifiedForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-            return model, model.model.language_model
-        from transformers import AutoModelForCausalLM
-
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, trust_remote_code=False)
-        except ValueError as err:
-            raise UserError(f"backbone has model_type '{config.model_type}', which is not a causal LM that "
-                            f"transformers can build ({err}).") from err
-        return model, model.get_decoder()
+    try:
+        model = meta_model(copy.deepcopy(config), torch.bfloat16)
+    except ValueError as err:
+        raise UserError(f"backbone has model_type '{config.model_type}', which is not a causal LM that "
+                        f"transformers can build ({err}).") from err
+    return model, model.get_decoder()
 
 
 @dataclass(frozen=True)
@@ -128,23 +121,17 @@ class CacheLayer:
 
 
 def cache_layers(text_config) -> list[CacheLayer]:
-    """One CacheLayer per decoder layer, read from the config as transformers' DynamicCache reads it."""
-    n = text_config.num_hidden_layers
-    types = getattr(text_config, "layer_types", None)
-    modes = getattr(text_config, "kv_sharing_modes", None) or [None] * n
-    layers = []
-    for i in range(n):
-        lc = text_config.per_layer_config[i]
-        layer_type = types[i] if types else "sliding_attention"  # without layer_types: sliding iff a window is set
-        head_dim = getattr(lc, "head_dim", None) or lc.hidden_size // lc.num_attention_heads
-        heads = getattr(lc, "num_key_value_heads", None) or lc.num_attention_heads
-        if modes[i] == "reuse":
-            layers.append(CacheLayer("shared", heads, head_dim))
-        elif layer_type == "sliding_attention" and getattr(lc, "sliding_window", None):
-            layers.append(CacheLayer("sliding", heads, head_dim, lc.sliding_window))
-        else:
-            layers.append(CacheLayer("global", heads, head_dim))
-    return layers
+    """One CacheLayer per decoder layer, from the layer shapes the FLOP count uses (models/flops.py): a layer
+    without K/V projections reuses another's cache, one with a window keeps that many positions."""
+    from gemma_fusion.models.flops import decoder_layers
+
+    try:
+        shapes = decoder_layers(text_config)
+    except ValueError as err:  # a layer type that is neither sliding nor full attention
+        raise UserError(f"the memory planner cannot model this backbone's attention ({err}).") from err
+    return [CacheLayer("shared", s.kv_heads, s.head_dim) if s.kv_projections == 0
+            else CacheLayer("sliding", s.kv_heads, s.head_dim, s.window) if s.window
+            else CacheLayer("global", s.kv_heads, s.head_dim) for s in shapes]
 
 
 class MemoryPlanner:

@@ -212,6 +212,23 @@ def full_model_class(model_type: str):
     return AutoModelForCausalLM
 
 
+def meta_model(config, dtype: torch.dtype | None = None) -> nn.Module:
+    """The whole transformers model for `config` on the meta device: names, shapes and dtypes, no memory.
+    Raises ValueError for a model type transformers cannot build as a causal LM."""
+    cls = full_model_class(config.model_type)
+    with torch.device("meta"):
+        if cls is AutoModelForCausalLM:
+            return cls.from_config(config, dtype=dtype, trust_remote_code=False)
+        return cls._from_config(config, dtype=dtype)
+
+
+def module_paths(full: nn.Module) -> tuple[str, str]:
+    """(decoder path, LM head path) inside a transformers model, e.g. ("model.language_model", "lm_head")."""
+    decoder, head = full.get_decoder(), full.get_output_embeddings()
+    names = {id(m): n for n, m in full.named_modules()}
+    return names[id(decoder)], names[id(head)]
+
+
 def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa") -> LoadedBackbone:
     """Load a frozen backbone, its tokenizer and (for Gemma 4 unified) its embedder weights from `path`."""
     path = Path(path).expanduser()

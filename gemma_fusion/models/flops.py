@@ -79,6 +79,14 @@ def _uniform_layers(config) -> list[_Layer]:
             for i in range(config.num_hidden_layers)]
 
 
+def decoder_layers(text_config) -> list[_Layer]:
+    """Per-layer attention and MLP shapes of a text config (Gemma 4's per-layer geometry, K = V and shared K/V;
+    Llama-style for any other model); also what the memory planner reads the KV cache from."""
+    if getattr(text_config, "model_type", None) == GEMMA4:
+        return _gemma4_layers(text_config)
+    return _uniform_layers(text_config)
+
+
 def _layer_linear_macs(layer: _Layer, hidden: int) -> int:
     """Multiply-adds per token of q, k, v, o and gate, up, down."""
     q_out = layer.heads * layer.head_dim
@@ -133,7 +141,7 @@ def backbone_forward_flops(text_config, seq_len: int, target_tokens: int | None 
     if getattr(config, "use_bidirectional_attention", None) in ("all", True):
         raise ValueError("backbone_forward_flops counts causal attention; this config is fully bidirectional.")
     model_type = getattr(config, "model_type", None)
-    layers = _gemma4_layers(config) if model_type == GEMMA4 else _uniform_layers(config)
+    layers = decoder_layers(config)
     hidden = config.hidden_size
     out = {}
     if decoder is not None:

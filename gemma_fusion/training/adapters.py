@@ -15,13 +15,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from peft import LoraConfig, get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM
 
+from gemma_fusion.models.backbone import meta_model, module_paths
 from gemma_fusion.models.fusion import FusionModel
 
 ADAPTER = "default"  # the adapter name trainable.add_lora injects under
@@ -32,10 +31,7 @@ def decoder_path(model: FusionModel) -> str:
     """Module path of the backbone's decoder inside the full transformers model a user would load."""
     if model.backbone.model_type == "gemma4_unified":
         return GEMMA4_DECODER_PATH
-    with torch.device("meta"):  # the skeleton only: no memory, no weights read
-        full = AutoModelForCausalLM.from_config(model.backbone.text_config)
-    decoder = full.get_decoder()
-    return next(name for name, module in full.named_modules() if module is decoder)
+    return module_paths(meta_model(model.backbone.text_config))[0]  # the skeleton only: no memory, no weights
 
 
 def _injected_config(decoder: nn.Module) -> LoraConfig:
