@@ -1,6 +1,7 @@
 """Train projectors (+ LoRA) on a frozen backbone: `python train.py [overrides]` (see configs/train.yaml)."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -9,12 +10,13 @@ import hydra
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from gemma_fusion.config import CONFIG_DIR, check_cli_overrides, save_yaml, to_plain
+from gemma_fusion.config import CONFIG_DIR, check_cli_overrides, check_targets, checked_instantiate, save_yaml, to_plain
 from gemma_fusion.errors import UserError, exit_on_user_error
+
+log = logging.getLogger(__name__)
 
 
 def prepare(cfg: DictConfig) -> None:
@@ -32,7 +34,7 @@ def prepare(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig, run_dir: Path):
     """Prepare, build, train and save into `run_dir`; returns the trained FusionModel."""
-    from gemma_fusion.data.pipeline import make_loader, preprocessor_for
+    from gemma_fusion.data.pipeline import make_loader, run_preprocessor
     from gemma_fusion.data.state import StreamState
     from gemma_fusion.models.build import build_model
     from gemma_fusion.training.callbacks import (DataBookkeeping, build_callbacks, build_loggers, gathered_trainable,
@@ -50,19 +52,21 @@ def train(cfg: DictConfig, run_dir: Path):
     if missing:  # e.g. experiment=finetune without model.init_from, data=shards without data.train
         raise UserError(f"{', '.join(missing)} must be set (e.g. {missing[0]}=...): the chosen options leave "
                         f"{'it' if len(missing) == 1 else 'them'} open.")
+    check_targets(cfg)  # before anything is imported or built from them
     if cfg.model.get("require_init_from") and not cfg.model.get("init_from"):
         raise UserError("this experiment continues an earlier run: pass model.init_from=RUN (e.g. experiment=finetune "
                         "model.init_from=runs/align).")
     distiller = build_distiller(cfg)  # bad distill settings stop here, before anything is built
+    ckpt_path = resume_path(cfg, run_dir)  # (a resume= that is not a checkpoint too)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # (read from RANK / LOCAL_RANK / SLURM_PROCID): one process writes RUN's files
         save_yaml(cfg, run_dir / "config.yaml")
     L.seed_everything(cfg.seed, workers=True)
     prepare(cfg)
+    check_data_paths(cfg.data)  # before the (possibly long) model load
     model = build_model(cfg)
     data = cfg.data
-    preprocess = preprocessor_for(model, data.image_tokens, data.audio_max_seconds, data.get("max_length"),
-                                  data.get("jpeg_draft", False))
+    preprocess = run_preprocessor(model, data)
     state = StreamState()
     train_loader = make_loader(
         to_plain(data.train), preprocess, data.batch_size, data.num_workers, data.shuffle_buffer, cfg.seed,
@@ -88,10 +92,10 @@ def train(cfg: DictConfig, run_dir: Path):
                              peak_tflops=cfg.logger.get("peak_tflops"), distiller=distiller)
     callbacks = [DataBookkeeping(state, data.get("max_bad_fraction", 0.05), data.get("bad_check_after", 200)),
                  SignalCheckpoint(run_dir / "checkpoints"), *build_callbacks(cfg, run_dir)]
-    ckpt_path = resume_path(cfg, run_dir)
     if ckpt_path and rank_zero_only.rank == 0:
         set_aside_metrics(run_dir)
-    trainer = L.Trainer(**instantiate(cfg.trainer, _convert_="all"),  # a strategy may be a `_target_` node
+    # a strategy may be a `_target_` node
+    trainer = L.Trainer(**checked_instantiate(cfg.trainer, "trainer", _convert_="all"),
                         default_root_dir=run_dir, logger=build_loggers(cfg, run_dir),
                         callbacks=callbacks, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                         plugins=[p for p in (AtomicCheckpointIO(), slurm_environment()) if p is not None])
@@ -132,6 +136,18 @@ def train(cfg: DictConfig, run_dir: Path):
     return model
 
 
+def check_data_paths(data: DictConfig) -> None:
+    """data.train and data.val name shards that exist (one sentence naming the pattern and what is there)."""
+    from gemma_fusion.data.sources import mixture_components, resolve_shards
+
+    for split in ("train", "val"):
+        try:
+            for spec, _ in mixture_components(to_plain(data[split])):
+                resolve_shards(spec, data.get("allow_pipe", False))
+        except UserError as err:
+            raise UserError(f"data.{split}: {err}") from err
+
+
 def build_distiller(cfg: DictConfig):
     """The distillation loss's teacher side when `distill.teacher` is set (configs/distill/), else None."""
     node = cfg.get("distill") or {}
@@ -169,6 +185,9 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     if not choice:
         return None
     if choice is True or choice == "auto":
+        for partial in (run_dir / "checkpoints").glob("*.ckpt.tmp"):  # a save cut short by a kill
+            log.warning("removing %s: a checkpoint save that did not finish", partial)
+            partial.unlink(missing_ok=True)
         found = sorted((run_dir / "checkpoints").glob("*.ckpt"))
         return str(found[-1]) if found else None
     if not Path(choice).is_file():

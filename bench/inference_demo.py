@@ -50,14 +50,14 @@ def decode_speed(model, batch: dict, steps: int, repeats: int = 3) -> tuple[floa
 
 
 def measure(name: str, path: Path, steps: int) -> dict:
-    from gemma_fusion.data.pipeline import make_loader, preprocessor_for
+    from gemma_fusion.data.pipeline import make_loader, run_preprocessor
     from gemma_fusion.eval.evaluate import evaluate, prompt_only
     from gemma_fusion.models.quant import tensor_bytes
     from gemma_fusion.training.restore import load_for_inference
 
     model, cfg = load_for_inference(path)
     data = cfg.data
-    preprocess = preprocessor_for(model, data.image_tokens, data.audio_max_seconds)
+    preprocess = run_preprocessor(model, data, skip_long=False)
     loader = make_loader(data.val, preprocess, data.eval_batch_size, split_by_rank=False)
     result = evaluate(model, loader, max_new_tokens=16)
     first = next(iter(make_loader(data.val, preprocess, 1, split_by_rank=False)))  # one image prompt

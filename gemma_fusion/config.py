@@ -1,9 +1,23 @@
-"""Hydra/OmegaConf glue: the `${project_root:}` resolver and the resolved config as plain YAML."""
+"""Hydra/OmegaConf glue: the `${project_root:}` resolver, the resolved config as plain YAML, command-line checks
+and the `_target_` allowlist.
+
+A config can name Python objects (`_target_`, FSDP's `layer_classes`), and a config may come from someone
+else (a downloaded run directory's config.yaml). `check_targets` lets it name classes of the libraries
+gemma_fusion configures and anything of gemma_fusion itself; functions of other packages (`os.system`,
+`torch.load`, `transformers.AutoModel.from_pretrained`) are refused. Users who write their own projector
+module allow its package with the environment variable GEMMA_FUSION_TARGETS (the shell decides, not a
+config file).
+"""
 from __future__ import annotations
 
+import importlib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from gemma_fusion.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(PROJECT_ROOT / "configs")
@@ -30,26 +44,30 @@ def _groups() -> set[str]:
 
 
 def check_cli_overrides(config_name: str, argv: list[str]) -> None:
-    """Stop with one sentence naming the valid keys when a `key=value` override names a key the config lacks.
+    """Stop with one sentence when a `key=value` override names a key the config lacks (naming the valid keys),
+    or gives a number or a switch a value of another type (`trainer.max_steps=abc`).
 
-    Hydra's own message for that case ("Key 'x' is not in struct") does not say what would have been valid.
-    Group choices (`model/vision=foo`) are left to Hydra, whose message lists the available options.
+    Hydra's own message for an unknown key ("Key 'x' is not in struct") does not say what would have been
+    valid, and a wrong type would only surface as a traceback deep in Lightning. Group choices
+    (`model/vision=foo`) are left to Hydra, whose message lists the available options.
     """
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = [a for a in argv if "=" in a and not a.startswith(("-", "+", "~"))]
     groups = _groups()
     group_overrides = [a for a in overrides if a.split("=", 1)[0] in groups]
-    keys = [a.split("=", 1)[0] for a in overrides
-            if a.split("=", 1)[0] not in groups and not a.startswith("hydra")]
-    if not keys:
+    values = [a for a in overrides if a.split("=", 1)[0] not in groups and not a.startswith("hydra")]
+    if not values:
         return
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(config_name, overrides=group_overrides)
-    except Exception:  # a bad group choice: Hydra reports it with the available options
+        parsed = OverridesParser.create().parse_overrides(values)
+    except Exception:  # a bad group choice or bad syntax: Hydra reports it with the available options
         return
-    for key in keys:
+    for override in parsed:
+        key = override.key_or_group
         node, path = cfg, []
         for part in key.split("."):
             if not isinstance(node, DictConfig) or part not in node.keys():  # (`in` is False for ??? values)
@@ -58,3 +76,84 @@ def check_cli_overrides(config_name: str, argv: list[str]) -> None:
                 raise SystemExit(f"error: unknown config option '{key}'; valid keys under {where}: {valid} "
                                  "(use +key=value to add a new one).")
             node, path = node._get_node(part), path + [part]
+        if not override.is_sweep_override():
+            _check_type(key, node, override.value())
+
+
+def _check_type(key: str, node, value) -> None:
+    """A number or a switch stays one (ints are accepted for floats), a group of keys stays a group; null and
+    ${...} are left to the config."""
+    if value is None or (isinstance(value, str) and value.startswith("${")):
+        return
+    if isinstance(node, DictConfig) and not isinstance(value, dict):
+        keys = list(node.keys())
+        raise SystemExit(f"error: {key} holds several keys ({', '.join(keys)}); set one of them, e.g. "
+                         f"{key}.{keys[0]}={value}.")
+    default = node._value()
+    kinds = {bool: ("true or false", (bool,)), int: ("an integer", (int,)), float: ("a number", (int, float))}
+    kind = type(default)
+    if kind in kinds and (not isinstance(value, kinds[kind][1]) or (kind is not bool and isinstance(value, bool))):
+        shown = str(default).lower() if kind is bool else default
+        raise SystemExit(f"error: {key}={value} is not {kinds[kind][0]} (its default is {shown}).")
+
+
+CLASS_PACKAGES = ("lightning", "torch", "transformers", "peft")  # classes only: their functions load and run things
+TARGETS_ENV = "GEMMA_FUSION_TARGETS"
+
+
+def own_packages() -> tuple[str, ...]:
+    """Packages whose functions a config may call: gemma_fusion and those listed in $GEMMA_FUSION_TARGETS."""
+    extra = (name.strip() for name in os.environ.get(TARGETS_ENV, "").split(","))
+    return ("gemma_fusion", *(name for name in extra if name))
+
+
+def check_target(path: object, where: str) -> None:
+    """Stop with one sentence unless `path` names a class of CLASS_PACKAGES or anything of own_packages()."""
+    own, top = own_packages(), str(path).split(".")[0]
+    allowed = (f"configs may name classes of {', '.join(CLASS_PACKAGES)} and anything of {', '.join(own)} "
+               f"(set {TARGETS_ENV}=your_package to allow your own module)")
+    if not isinstance(path, str) or top not in own + CLASS_PACKAGES:
+        raise UserError(f"{where}={path} is not allowed: {allowed}.")
+    target = _locate(path)
+    if target is None:
+        raise UserError(f"{where}={path} cannot be imported; check the dotted path (module.Class).")
+    if top not in own and not isinstance(target, type):
+        raise UserError(f"{where}={path} is not a class: {allowed}.")
+
+
+def _locate(path: str):
+    """The object a dotted path names (the longest importable module prefix, then attributes), or None."""
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for part in parts[i:]:
+            target = getattr(target, part, None)
+        return target
+    return None
+
+
+def check_targets(node, where: str = "") -> None:
+    """`check_target` on every `_target_` inside a config (a DictConfig or plain containers)."""
+    if OmegaConf.is_config(node):
+        node = OmegaConf.to_container(node, resolve=False)
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            path = f"{where}.{key}" if where else str(key)
+            if key == "_target_":
+                check_target(value, path)
+            else:
+                check_targets(value, path)
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            check_targets(value, f"{where}[{i}]")
+
+
+def checked_instantiate(node, where: str, **kwargs):
+    """hydra.utils.instantiate after `check_targets`: the one way gemma_fusion turns config into objects."""
+    from hydra.utils import instantiate
+
+    check_targets(node, where)
+    return instantiate(node, **kwargs)

@@ -42,7 +42,7 @@ from torch import nn
 
 from gemma_fusion.errors import UserError, exit_on_user_error
 from gemma_fusion.files import staged_directory
-from gemma_fusion.models.backbone import DTYPES, meta_model, module_paths
+from gemma_fusion.models.backbone import DTYPES, meta_model, module_paths, read_backbone_spec, remote_code_options
 
 log = logging.getLogger(__name__)
 FORMAT = "gemma_fusion.export/1"
@@ -56,8 +56,6 @@ COPIED_FILES = ("generation_config.json", "preprocessor_config.json", "processor
 def export_run(run_dir: str | Path, out_dir: str | Path, quant: str = "none", group_size: int = 64,
                overwrite: bool = False, dtype: str | None = None) -> Path:
     """Write the export directory (see the module docstring) and return its path."""
-    from transformers import AutoConfig
-
     from gemma_fusion.models.quant import QuantizedLinear, quantize_frozen
     from gemma_fusion.training.adapters import merge_lora
     from gemma_fusion.training.restore import load_run
@@ -79,7 +77,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, quant: str = "none", gr
     decoder = model.backbone.decoder
     if quant != "none":
         quantize_frozen(decoder, quant, group_size)
-    config = AutoConfig.from_pretrained(backbone_dir, trust_remote_code=False)
+    config = read_backbone_spec(backbone_dir, **remote_code_options(cfg.backbone)).config
     full = meta_model(config)
     decoder_prefix, head_prefix = (p + "." for p in module_paths(full))
     dtype_of = model.backbone.dtype
@@ -194,7 +192,7 @@ def check_loaded(full: nn.Module, quantized: dict, what: str) -> None:
 
 def load_export(path: str | Path):
     """An export directory -> (FusionModel, the run's config with backbone.path = path)."""
-    from gemma_fusion.models.backbone import load_backbone, read_backbone_spec, split_full_model
+    from gemma_fusion.models.backbone import load_backbone, split_full_model
     from gemma_fusion.models.build import build_projector
     from gemma_fusion.models.fusion import FusionModel
 
@@ -203,9 +201,10 @@ def load_export(path: str | Path):
     cfg = OmegaConf.create(meta["config"])
     cfg.backbone.path = str(path)
     if meta["quant"] == "none":
-        loaded = load_backbone(path, meta["dtype"], cfg.backbone.attn_implementation)
+        loaded = load_backbone(path, meta["dtype"], cfg.backbone.attn_implementation,
+                               **remote_code_options(cfg.backbone))
     else:
-        spec = read_backbone_spec(path)
+        spec = read_backbone_spec(path, **remote_code_options(cfg.backbone))
         full = quantized_model(path, spec, meta, DTYPES[meta["dtype"]], cfg.backbone.attn_implementation)
         loaded = split_full_model(full, spec)
     hidden, mm = loaded.backbone.hidden_size, loaded.multimodal

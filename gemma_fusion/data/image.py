@@ -13,6 +13,10 @@ Speed (bench/loader.py): pixels stay uint8 and HWC end to end, so torch's AVX2 u
 reads and writes channels_last without layout conversions, and cutting tokens copies whole
 (k*p)*3-byte rows. `ImagePreprocessor(jpeg_draft=True)` additionally lets libjpeg decode large
 photos at 1/2, 1/4 or 1/8 scale (opt-in: pixels then differ from the processor's).
+
+Size limit: an image over `max_megapixels` (width x height from its header, checked before any pixel is
+decoded) is refused as `image_too_large`. It replaces Pillow's global decompression-bomb limits (a warning
+past 89 MP, an error past 179 MP), which a user of `train.py` cannot set.
 """
 
 import io
@@ -38,9 +42,10 @@ ImageSource = bytes | bytearray | memoryview | str | os.PathLike | Image.Image
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error)
 _ORIENTATION = 0x0112  # the EXIF tag `exif_transpose` reads
 _SWAPS_SIDES = (5, 6, 7, 8)  # orientations that transpose the image
+MAX_MEGAPIXELS = 200  # the default of data.max_image_megapixels
 
 
-def load_image(src: ImageSource) -> Image.Image:
+def load_image(src: ImageSource, max_megapixels: float = MAX_MEGAPIXELS) -> Image.Image:
     """Decode `src` (encoded bytes, a path, or a PIL image) into an upright 8-bit RGB image.
 
     EXIF orientation is applied. Modes are converted as in transformers' `convert_to_rgb`:
@@ -51,17 +56,18 @@ def load_image(src: ImageSource) -> Image.Image:
 
     Raises:
         BadSample (a UserError, a ValueError): reason `image_undecodable` when the data is not a
-            decodable image, `image_too_large` past Pillow's decompression-bomb limit. Errors
-            reading a path (missing file, permissions) propagate unchanged.
+            decodable image, `image_too_large` when it has more than `max_megapixels` million pixels.
+            Errors reading a path (missing file, permissions) propagate unchanged.
     """
     if isinstance(src, (str, os.PathLike)):
         src = Path(src).read_bytes()
-    with _decoding():
+    with _decoding(max_megapixels):
         if isinstance(src, Image.Image):
+            _check_size(src.size, max_megapixels)
             src.load()
             image = ImageOps.exif_transpose(src)  # a copy: the caller's image is left alone
         elif isinstance(src, (bytes, bytearray, memoryview)):
-            image = Image.open(io.BytesIO(src))
+            image = _open(src, max_megapixels)
             image.load()
             ImageOps.exif_transpose(image, in_place=True)
         else:
@@ -70,7 +76,7 @@ def load_image(src: ImageSource) -> Image.Image:
 
 
 def load_image_draft(
-    src: ImageSource, resized: Callable[[int, int], tuple[int, int]]
+    src: ImageSource, resized: Callable[[int, int], tuple[int, int]], max_megapixels: float = MAX_MEGAPIXELS
 ) -> tuple[Image.Image, tuple[int, int]]:
     """`load_image`, but a JPEG is decoded at the smallest DCT scale whose sides stay >= its resize target.
 
@@ -82,10 +88,10 @@ def load_image_draft(
     if isinstance(src, (str, os.PathLike)):
         src = Path(src).read_bytes()
     if not isinstance(src, (bytes, bytearray, memoryview)):
-        image = load_image(src)
+        image = load_image(src, max_megapixels)
         return image, resized(image.height, image.width)
-    with _decoding():
-        image = Image.open(io.BytesIO(src))
+    with _decoding(max_megapixels):
+        image = _open(src, max_megapixels)
         swapped = image.getexif().get(_ORIENTATION, 1) in _SWAPS_SIDES  # what exif_transpose will do
         width, height = image.size[::-1] if swapped else image.size
         new_h, new_w = resized(height, width)
@@ -96,15 +102,59 @@ def load_image_draft(
     return to_rgb(image), (new_h, new_w)
 
 
+def _open(data: bytes | bytearray | memoryview, max_megapixels: float) -> Image.Image:
+    """`Image.open` reads the header only: an image over the limit is refused before its pixels are decoded."""
+    with _pillow_limit(None):  # Pillow would warn here past its own limit; ours is checked just below
+        image = Image.open(io.BytesIO(data))
+    _check_size(image.size, max_megapixels)
+    return image
+
+
+def _check_size(size: tuple[int, int], max_megapixels: float) -> None:
+    width, height = size
+    if width * height > max_megapixels * 1e6:
+        raise BadSample("image_too_large", (
+            f"The image is {width}x{height} ({width * height / 1e6:.1f} megapixels), over the limit of "
+            f"{max_megapixels} megapixels; downscale it or raise data.max_image_megapixels."))
+
+
+def _max_pixels(max_megapixels: float) -> int:
+    if not isinstance(max_megapixels, (int, float)) or not 0 < max_megapixels < math.inf:
+        raise UserError(f"data.max_image_megapixels must be a positive number (e.g. {MAX_MEGAPIXELS}), got "
+                        f"{max_megapixels!r}.")
+    return int(max_megapixels * 1e6)
+
+
 @contextmanager
-def _decoding() -> Iterator[None]:
-    """Pillow's errors while opening / decoding -> `BadSample` with a reason and a fix."""
+def _pillow_limit(pixels: int | None) -> Iterator[None]:
+    """Pillow's global decompression-bomb limit set to `pixels` (None: off) for the block, restored on any exit.
+
+    A process-wide setting: fine for loader workers (processes), not for threads decoding at once.
+    """
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, pixels
     try:
         yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+@contextmanager
+def _decoding(max_megapixels: float) -> Iterator[None]:
+    """Decode under our limit, Pillow's errors -> `BadSample` with a reason and a fix.
+
+    `_open` checks the header's size; while the pixels are decoded Pillow's own limit is set to ours, so a GIF
+    frame or TIFF tile larger than the header said is still bounded (a warning past it, an error past twice it).
+    """
+    limit = _max_pixels(max_megapixels)
+    try:
+        with _pillow_limit(limit):
+            yield
+    except BadSample:
+        raise
     except Image.DecompressionBombError as err:
         raise BadSample("image_too_large", (
-            f"Image refused as a possible decompression bomb ({err}); downscale it, or raise "
-            "PIL.Image.MAX_IMAGE_PIXELS if the source is trusted.")) from err
+            f"The image grew past the limit of {max_megapixels} megapixels while decoding ({err}); downscale it "
+            "or raise data.max_image_megapixels.")) from err
     except _DECODE_ERRORS as err:
         reason = "format not recognised" if isinstance(err, UnidentifiedImageError) else err
         raise BadSample("image_undecodable", (
@@ -245,18 +295,24 @@ class ImagePreprocessor:
     """Callable `src -> (pixel_values [N, (k*p)²·3], position_ids [N, 2])`: load_image + patchify.
 
     `jpeg_draft=True` decodes JPEGs with `load_image_draft` (much faster on photos over ~4x the
-    target's pixels, not bit-identical to the processor); the token grid is unchanged.
+    target's pixels, not bit-identical to the processor); the token grid is unchanged. Images over
+    `max_megapixels` million pixels are refused (`image_too_large`).
     """
 
     max_soft_tokens: int = 280
     patch_size: int = 16
     pooling_kernel_size: int = 3
     jpeg_draft: bool = False
+    max_megapixels: float = MAX_MEGAPIXELS
+
+    def __post_init__(self):
+        _max_pixels(self.max_megapixels)  # a bad limit fails here, not on the first image
 
     def __call__(self, src: ImageSource) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.jpeg_draft:
-            return patchify(load_image(src), self.max_soft_tokens, self.patch_size, self.pooling_kernel_size)
-        image, new_size = load_image_draft(src, self.target_size)
+            image = load_image(src, self.max_megapixels)
+            return patchify(image, self.max_soft_tokens, self.patch_size, self.pooling_kernel_size)
+        image, new_size = load_image_draft(src, self.target_size, self.max_megapixels)
         return _patchify_to(_rgb_pixels(image), new_size, self.pooling_kernel_size * self.patch_size)
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:

@@ -29,7 +29,7 @@ KINDS = {"text": 0, "image": 1, "audio": 3}  # mm_token_type_ids values (FusionM
 def preprocessor_from_config(cfg):
     """The run's SamplePreprocessor, built from the backbone's config and tokenizer only (no weights)."""
     from gemma_fusion.data.audio import AudioPreprocessor
-    from gemma_fusion.data.image import ImagePreprocessor
+    from gemma_fusion.data.image import MAX_MEGAPIXELS, ImagePreprocessor
     from gemma_fusion.data.pipeline import SamplePreprocessor
     from gemma_fusion.models.backbone import read_backbone_spec
 
@@ -44,7 +44,8 @@ def preprocessor_from_config(cfg):
     if vision is not None and "_target_" in vision:
         image = ImagePreprocessor(cfg.data.image_tokens, setting(vision, "patch_size", spec.multimodal.vision, 16),
                                   setting(vision, "pooling_kernel_size", spec.multimodal.vision, 3),
-                                  cfg.data.get("jpeg_draft", False))
+                                  cfg.data.get("jpeg_draft", False),
+                                  cfg.data.get("max_image_megapixels", MAX_MEGAPIXELS))
     if audio is not None and "_target_" in audio:
         audio_pre = AudioPreprocessor(samples_per_token=setting(audio, "frame_dim", spec.multimodal.audio, 640),
                                       max_seconds=cfg.data.audio_max_seconds)

@@ -21,7 +21,7 @@ import torch
 
 from gemma_fusion.data.audio import AudioPreprocessor
 from gemma_fusion.data.batching import batch_stage
-from gemma_fusion.data.image import ImagePreprocessor
+from gemma_fusion.data.image import MAX_MEGAPIXELS, ImagePreprocessor
 from gemma_fusion.data.sequence import build_sequence
 from gemma_fusion.data.sources import ShardStream, mix, mixture_components, resolve_shards, warn_if_too_few_shards
 from gemma_fusion.data.sources import worker_info
@@ -29,7 +29,7 @@ from gemma_fusion.data.state import DataStats, StreamState
 from gemma_fusion.errors import BadSample
 
 __all__ = ["IMAGE_EXTS", "AUDIO_EXTS", "SamplePreprocessor", "MemoryCache", "make_loader", "preprocessor_for",
-           "resolve_shards"]
+           "run_preprocessor", "resolve_shards"]
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif")
 AUDIO_EXTS = ("flac", "wav", "mp3", "ogg")
@@ -167,6 +167,7 @@ class SampleStream(torch.utils.data.IterableDataset):
         self.split_by_rank = split_by_rank
 
     def __iter__(self) -> Iterator[dict]:
+        self.stats = DataStats()  # this pass's counts: an epoch without workers must not re-send the previous ones
         state = self.state or StreamState()
         epoch = state.epoch
         seed = self.seed
@@ -183,10 +184,18 @@ class SampleStream(torch.utils.data.IterableDataset):
         if self.shuffle:
             raw = shuffled(raw, self.shuffle, rng)
         stage = batch_stage(pad_id=self.preprocess_pad_id(), seed=seed + epoch, **self.batching)
+        held = None  # each batch leaves once the next is formed: the epoch's last one counts the skips read after it
         for batch in stage(self._preprocessed(raw)):
-            batch["stats"] = self.stats.snapshot(epoch)
-            batch["position"] = {"world": world, "workers": workers}  # the reader layout, for resume
-            yield batch
+            if held is not None:
+                yield self._stamped(held, epoch, world, workers)
+            held = batch
+        if held is not None:
+            yield self._stamped(held, epoch, world, workers)
+
+    def _stamped(self, batch: dict, epoch: int, world: int, workers: int) -> dict:
+        batch["stats"] = self.stats.snapshot(epoch)
+        batch["position"] = {"world": world, "workers": workers}  # the reader layout, for resume
+        return batch
 
     def _preprocessed(self, raw: Iterator[dict]) -> Iterator[dict]:
         for sample in raw:
@@ -228,7 +237,7 @@ def make_loader(
     `bucket_batches`, `pack_length`, `max_batch_tokens`: see `batching`. `cache_gb > 0` keeps preprocessed
     samples in RAM (`MemoryCache`). `state`: a `StreamState` for exact resume (epoch-based streams skip the
     samples it has marked). Each batch carries `meta` (one entry per sample), `stats` (the loader
-    process's cumulative ok / skipped counts) and `position` (the reader layout: world size, workers).
+    process's ok / skipped counts so far in this epoch) and `position` (the reader layout: world size, workers).
     `split_by_rank=False`: this process reads every shard even under DDP (one rank evaluating all of val).
     `max_shards`: only the first N shards of each spec (in sorted order): a smaller data set, e.g. for scaling.
     """
@@ -261,11 +270,22 @@ class ResumableLoader(torch.utils.data.DataLoader):
 
 
 def preprocessor_for(model, image_tokens: int, audio_max_seconds: float | None = None,
-                     max_length: int | None = None, jpeg_draft: bool = False) -> SamplePreprocessor:
+                     max_length: int | None = None, jpeg_draft: bool = False,
+                     max_image_megapixels: float = MAX_MEGAPIXELS) -> SamplePreprocessor:
     """The preprocessing that matches `model`'s projectors (patch size, pooling, frame length)."""
     image = audio = None
     if model.vision is not None:
-        image = ImagePreprocessor(image_tokens, model.vision.patch_size, model.vision.pooling_kernel_size, jpeg_draft)
+        image = ImagePreprocessor(image_tokens, model.vision.patch_size, model.vision.pooling_kernel_size, jpeg_draft,
+                                  max_image_megapixels)
     if model.audio is not None:
         audio = AudioPreprocessor(samples_per_token=model.audio.frame_dim, max_seconds=audio_max_seconds)
     return SamplePreprocessor(model.tokenizer, model.tokens, image, audio, max_length)
+
+
+def run_preprocessor(model, data, skip_long: bool = True) -> SamplePreprocessor:
+    """`preprocessor_for` with a run's `data` settings (image_tokens, audio_max_seconds, max_length, jpeg_draft,
+    max_image_megapixels; keys missing from older runs take their defaults). `skip_long=False` keeps samples
+    over data.max_length (evaluation and prompts see every sample)."""
+    return preprocessor_for(model, data.image_tokens, data.get("audio_max_seconds"),
+                            data.get("max_length") if skip_long else None, data.get("jpeg_draft", False),
+                            data.get("max_image_megapixels", MAX_MEGAPIXELS))

@@ -6,7 +6,8 @@ mixture). `pipe:` URLs run a shell command per shard, so they are refused unless
 (`data.allow_pipe=true`).
 
 Every raw sample leaves here with `__url__` (its shard) and `__index__` (its position in that shard): the
-pair names the sample for exact resume (`StreamState`).
+pair names the sample for exact resume (`StreamState`). Members stay bytes (nothing is unpickled or decoded
+here), and a shard cut short costs the sample it was cut in and its tail, never a half sample (`read_shards`).
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import glob
 import logging
 import os
 import random
+import tarfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import webdataset as wds
 
-from gemma_fusion.errors import UserError
+from gemma_fusion.errors import BadSample, UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,15 @@ def resolve_shards(spec, allow_pipe: bool = False) -> list[str]:
         if not allow_pipe:
             raise UserError(f"The shard spec '{spec}' runs a shell command; set data.allow_pipe=true if you trust it.")
         return list(wds.shardlists.expand_urls(spec))
-    if spec.startswith(("http://", "https://")) or "{" in spec:
+    if spec.startswith(("http://", "https://")):
         return list(wds.shardlists.expand_urls(spec))
+    if "{" in spec:  # a local brace pattern: every shard it names must be there
+        urls = list(wds.shardlists.expand_urls(str(Path(spec).expanduser())))
+        missing = [url for url in urls if not Path(url).is_file()]
+        if missing:
+            raise UserError(f"The shard pattern '{spec}' names {len(urls)} shards but {len(missing)} do not exist "
+                            f"(e.g. {missing[0]}); check the range or the data paths.")
+        return urls
     path = Path(spec).expanduser()
     urls = sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else sorted(glob.glob(str(path)))
     if not urls:
@@ -101,7 +110,54 @@ class ShardStream:
             random.Random(f"{self.seed}/{epoch}").shuffle(order)
             slots = world * workers
             shards = ({"url": url} for url in order[rank * workers + worker:: slots])
-        return number_samples(wds.tarfile_to_samples(handler=self.handler)(shards))
+        return number_samples(read_shards(shards, self.handler))
+
+
+def read_shards(shards: Iterator[dict], handler) -> Iterator[dict]:
+    """Raw samples (`__key__`, `__url__`, then member suffix -> bytes) of each `{"url": ...}` in `shards`, in order.
+
+    Replaces webdataset's `tarfile_to_samples`, which passes the sample a truncated shard was cut in on without
+    its remaining members (a caption trained without its image, or an image counted as `missing_json`), counts
+    a cut inside a member twice and misses a cut inside a header. Here each sample is passed on only once the
+    next one starts or the end-of-archive marker is read, so a cut loses the sample in progress and the rest of
+    the shard, counted once by `handler` (reason bad_shard). `handler(exn)` returns False to stop reading.
+    """
+    for shard in wds.tariterators.url_opener(shards, handler=handler):
+        try:
+            with shard["stream"] as stream:
+                yield from _tar_samples(stream, shard["url"], handler)
+        except Exception as exn:  # noqa: BLE001 - counted by the handler; the shard's tail is lost
+            exn.args = (f"{exn} @ {shard['url']}",)
+            if not handler(exn):
+                return
+
+
+def _tar_samples(stream, url: str, handler) -> Iterator[dict]:
+    """The samples of one tar stream; consecutive members `<key>.<suffix>` form a sample (webdataset's rule)."""
+    sample, repeated = None, False
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            key, suffix = wds.tariterators.base_plus_ext(info.name)
+            if not info.isreg() or key is None or info.name.startswith("__"):  # folders, links, shard metadata
+                continue
+            data = tar.extractfile(info).read()
+            if sample is None or key != sample["__key__"]:
+                if sample is not None and not repeated:
+                    yield sample
+                sample, repeated = {"__key__": key, "__url__": url}, False
+            suffix = suffix.lower()
+            if suffix in sample and not repeated:  # which copy is meant is unknown: the sample is skipped
+                repeated = True
+                if not handler(BadSample("duplicate_id", f"sample {key} of {url} has two .{suffix} members; "
+                                                         "write each member once.")):
+                    return
+            sample[suffix] = data
+        # tarfile ends quietly on a header cut short; a complete archive ends with a whole (zero) block
+        if tar.fileobj.tell() - tar.offset < tarfile.BLOCKSIZE:
+            raise tarfile.ReadError("the shard ends inside a tar header or before its end-of-archive marker "
+                                    "(truncated); re-copy or rewrite it")
+    if sample is not None and not repeated:
+        yield sample
 
 
 def warn_if_too_few_shards(urls: list[str], num_workers: int, world_size: int, what: str) -> None:

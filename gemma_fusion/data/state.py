@@ -115,7 +115,7 @@ class DataStats:
         return True
 
     def snapshot(self, epoch: int = 0) -> dict:
-        """Cumulative counts of this process; workers restart each epoch, hence the epoch in the key."""
+        """This process's counts so far in this epoch (each epoch counts afresh), keyed by epoch, rank and worker."""
         from gemma_fusion.data.sources import worker_info
 
         rank, _, worker, _ = worker_info()
@@ -126,7 +126,7 @@ FILTERED_REASONS = frozenset({"no_vision", "no_audio"})
 
 
 class StatsTotals:
-    """Sums the latest `DataStats` snapshot of every loader process (they are cumulative)."""
+    """Sums the latest `DataStats` snapshot of every loader process and epoch (each counts its own samples)."""
 
     def __init__(self):
         self.latest: dict[str, dict] = {}

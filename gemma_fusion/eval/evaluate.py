@@ -75,10 +75,10 @@ def print_table(result: dict) -> None:
 def evaluate_into(run_dir: str | Path, model: FusionModel, data, spec=None, batch_size: int | None = None,
                   max_new_tokens: int = 16) -> dict:
     """Evaluate on `spec` (default `data.val`) with the run's preprocessing; write RUN/eval.json, print a table."""
-    from gemma_fusion.data.pipeline import make_loader, preprocessor_for
+    from gemma_fusion.data.pipeline import make_loader, run_preprocessor
 
     run_dir = Path(run_dir)
-    preprocess = preprocessor_for(model, data.image_tokens, data.audio_max_seconds)
+    preprocess = run_preprocessor(model, data, skip_long=False)
     loader = make_loader(spec or data.val, preprocess, batch_size or data.eval_batch_size, data.num_workers,
                          split_by_rank=False)  # one process evaluates all of it, also inside a DDP run
     result = evaluate(model, loader, max_new_tokens, predictions_path=run_dir / "eval_predictions.jsonl")

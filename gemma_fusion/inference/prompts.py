@@ -10,7 +10,7 @@ from typing import TextIO
 import torch
 
 from gemma_fusion.data.collate import collate
-from gemma_fusion.data.pipeline import AUDIO_EXTS, IMAGE_EXTS, SamplePreprocessor, preprocessor_for
+from gemma_fusion.data.pipeline import AUDIO_EXTS, IMAGE_EXTS, SamplePreprocessor, run_preprocessor
 from gemma_fusion.errors import BadSample, UserError
 from gemma_fusion.inference.generate import stream_generate
 from gemma_fusion.models.fusion import FusionModel
@@ -27,8 +27,8 @@ class Request:
 
 
 def prompt_preprocessor(model: FusionModel, data) -> SamplePreprocessor:
-    """The run's own per-sample preprocessing (its `data.image_tokens`, `data.audio_max_seconds`), target-free."""
-    preprocess = preprocessor_for(model, data.image_tokens, data.get("audio_max_seconds"))
+    """The run's own per-sample preprocessing (its `data` settings), target-free."""
+    preprocess = run_preprocessor(model, data, skip_long=False)
     return replace(preprocess, require_target=False)
 
 

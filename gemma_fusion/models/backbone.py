@@ -6,6 +6,7 @@ checkpoint (`model_type: gemma4_unified`) is first-class: its text model becomes
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +128,7 @@ class LoadedBackbone:
     bidirectional_image: bool
 
 
-def _read_config(path: Path):
+def _read_config(path: Path, trust_remote_code: bool = False, revision: str | None = None):
     if not path.is_dir():
         raise UserError(
             f"backbone.path={path} does not exist or is not a directory; pass a local directory holding a "
@@ -140,13 +141,48 @@ def _read_config(path: Path):
             f"backbone.path={path} holds no *.safetensors weights; gemma_fusion loads weights only from safetensors "
             "(convert with `model.save_pretrained(dir, safe_serialization=True)`)."
         )
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type != "gemma4_unified" and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    raw = json.loads((path / "config.json").read_text())
+    model_type = raw.get("model_type")
+    known = model_type == "gemma4_unified" or model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if raw.get("auto_map") and not known and not trust_remote_code:
+        raise UserError(
+            f"backbone.path={path} ships its own Python code for model_type '{model_type}' (auto_map in config.json), "
+            "which gemma_fusion does not run unless asked: review it, then pass backbone.trust_remote_code=true "
+            "with backbone.revision pinning it."
+        )
+    if trust_remote_code:
+        check_code_pin(path, revision)
+    elif not known:
         raise UserError(
             f"backbone.path={path} has model_type '{model_type}', which is not a decoder-only causal LM that "
             "transformers knows; use a causal LM checkpoint (for example a Gemma 4 unified or Llama directory)."
         )
-    return AutoConfig.from_pretrained(path, trust_remote_code=False), model_type
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), model_type
+
+
+def remote_code_options(backbone_cfg) -> dict:
+    """`trust_remote_code` and `revision` from a `backbone` config node (absent in older run configs: off)."""
+    return {"trust_remote_code": bool(backbone_cfg.get("trust_remote_code")), "revision": backbone_cfg.get("revision")}
+
+
+def code_digest(path: Path) -> str:
+    """sha256 over the names and bytes of every Python file under checkpoint directory `path`."""
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*.py")):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return f"sha256:{digest.hexdigest()}"
+
+
+def check_code_pin(path: Path, revision: str | None) -> None:
+    """trust_remote_code runs the checkpoint's Python files: only the ones the user reviewed and pinned."""
+    files = ", ".join(sorted(f.relative_to(path).as_posix() for f in path.rglob("*.py"))) or "none"
+    actual = code_digest(path)
+    if not revision:
+        raise UserError(f"backbone.trust_remote_code=true runs the Python files in {path} ({files}): review them, "
+                        f"then pin them with backbone.revision={actual}.")
+    if revision != actual:
+        raise UserError(f"the Python files in {path} ({files}) are not the ones pinned by backbone.revision={revision} "
+                        f"(they hash to {actual}); review the change before updating the pin.")
 
 
 def _text_markers(tokenizer, text: str) -> list[int]:
@@ -165,11 +201,15 @@ class BackboneSpec:
     bidirectional_image: bool
 
 
-def read_backbone_spec(path: str | Path) -> BackboneSpec:
-    """Config, tokenizer, special tokens and embedder geometry of a checkpoint directory (no weights read)."""
+def read_backbone_spec(path: str | Path, trust_remote_code: bool = False, revision: str | None = None) -> BackboneSpec:
+    """Config, tokenizer, special tokens and embedder geometry of a checkpoint directory (no weights read).
+
+    `trust_remote_code`: let transformers run the directory's own Python files (config.json's auto_map), which
+    `revision` must pin (`code_digest`); otherwise no code from the checkpoint runs.
+    """
     path = Path(path).expanduser()
-    config, model_type = _read_config(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    config, model_type = _read_config(path, trust_remote_code, revision)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if model_type == "gemma4_unified":
         return gemma4_spec(config, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _first(tokenizer.eos_token_id)
@@ -217,9 +257,14 @@ def meta_model(config, dtype: torch.dtype | None = None) -> nn.Module:
     Raises ValueError for a model type transformers cannot build as a causal LM."""
     cls = full_model_class(config.model_type)
     with torch.device("meta"):
-        if cls is AutoModelForCausalLM:
-            return cls.from_config(config, dtype=dtype, trust_remote_code=False)
+        if cls is AutoModelForCausalLM:  # a config of the checkpoint's own code exists only if the user trusted it
+            return cls.from_config(config, dtype=dtype, trust_remote_code=is_remote_code(config))
         return cls._from_config(config, dtype=dtype)
+
+
+def is_remote_code(config) -> bool:
+    """The config's class came from a checkpoint's own Python files (loaded with trust_remote_code)."""
+    return type(config).__module__.startswith("transformers_modules")
 
 
 def module_paths(full: nn.Module) -> tuple[str, str]:
@@ -229,14 +274,16 @@ def module_paths(full: nn.Module) -> tuple[str, str]:
     return names[id(decoder)], names[id(head)]
 
 
-def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa") -> LoadedBackbone:
-    """Load a frozen backbone, its tokenizer and (for Gemma 4 unified) its embedder weights from `path`."""
+def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa",
+                  trust_remote_code: bool = False, revision: str | None = None) -> LoadedBackbone:
+    """Load a frozen backbone, its tokenizer and (for Gemma 4 unified) its embedder weights from `path`
+    (`trust_remote_code` / `revision`: see `read_backbone_spec`)."""
     path = Path(path).expanduser()
     if dtype not in DTYPES:
         raise UserError(f"backbone.dtype={dtype} is not supported; choose one of {sorted(DTYPES)}.")
-    spec = read_backbone_spec(path)
+    spec = read_backbone_spec(path, trust_remote_code, revision)
     full = full_model_class(spec.model_type).from_pretrained(
-        path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False,
+        path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation)
     return split_full_model(full, spec)
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import logging
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from gemma_fusion.models.backbone import load_backbone
+from gemma_fusion.config import checked_instantiate
+from gemma_fusion.models.backbone import load_backbone, remote_code_options
 from gemma_fusion.errors import UserError
 from gemma_fusion.models.fusion import FusionModel
 from gemma_fusion.models.quant import quantize_frozen
@@ -36,7 +36,7 @@ def build_projector(node: DictConfig | None, hidden: int, ckpt_args: dict, ckpt_
                 args[key] = ckpt_args[key]
             else:
                 del args[key]
-    projector = instantiate(args, out_dim=out_dim)
+    projector = checked_instantiate(args, f"model.{name}", out_dim=out_dim)
     if from_ckpt and ckpt_state is not None:
         shapes = {k: v.shape for k, v in projector.state_dict().items()}
         if shapes == {k: v.shape for k, v in ckpt_state.items()}:
@@ -52,7 +52,8 @@ def build_model(cfg: DictConfig) -> FusionModel:
     if quant != "none" and cfg.lora.get("merge"):
         raise UserError(f"lora.merge=true cannot fold adapters into a backbone.quant={quant} base (the merged weights "
                         "would be rounded again); train with lora.merge=false and merge at export time.")
-    loaded = load_backbone(cfg.backbone.path, cfg.backbone.dtype, cfg.backbone.attn_implementation)
+    loaded = load_backbone(cfg.backbone.path, cfg.backbone.dtype, cfg.backbone.attn_implementation,
+                           **remote_code_options(cfg.backbone))
     hidden = loaded.backbone.hidden_size
     mm = loaded.multimodal
     vision = build_projector(cfg.model.get("vision"), hidden, mm.vision, mm.vision_state, "vision")

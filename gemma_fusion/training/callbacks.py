@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from gemma_fusion.config import to_plain
 from gemma_fusion.data.state import StatsTotals, StreamState
 from gemma_fusion.errors import UserError
+from gemma_fusion.files import replaced_atomically
 from gemma_fusion.training.trainable import trainable_names, trainable_state_dict
 
 
@@ -108,10 +109,9 @@ def save_final(model, run_dir: Path, state: dict[str, torch.Tensor] | None = Non
     path = run_dir / "final" / "trainable.safetensors"
     if rank_zero_only.rank != 0:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(trainable_state_dict(model) if state is None else state, str(tmp))
-    tmp.replace(path)
+    with replaced_atomically(path, f"the checkpoints in {run_dir / 'checkpoints'} are intact: free space and "
+                                   "finish with resume=auto") as tmp:
+        save_file(trainable_state_dict(model) if state is None else state, str(tmp))
     return path
 
 

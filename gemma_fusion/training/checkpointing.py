@@ -1,8 +1,9 @@
 """Checkpoints that are never half-written, loaded safely, and taken on request (SIGTERM / SIGUSR1).
 
 - `AtomicCheckpointIO` writes `step-N.ckpt.tmp`, fsyncs it and renames it into place: a kill or a full
-  disk during a save leaves the previous checkpoints untouched and no file with the final name. It
-  loads with `torch.load(weights_only=True)`: checkpoints hold tensors and plain Python types only.
+  disk during a save leaves the previous checkpoints untouched and no file with the final name (`resume=auto`
+  reads only `*.ckpt` and removes a kill's leftover `.tmp`). It loads with `torch.load(weights_only=True)`:
+  checkpoints hold tensors and plain Python types only.
 - `SignalCheckpoint` turns SIGTERM and SIGUSR1 into "checkpoint at the next step boundary, then exit 0",
   so a preempted job resumes with `resume=auto` and loses nothing. Under SLURM, SIGUSR1 (`#SBATCH
   --signal=USR1@120`, sent before the time limit) also requeues the job (`scontrol requeue`); Lightning's
@@ -10,9 +11,9 @@
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
 from gemma_fusion.errors import UserError
+from gemma_fusion.files import replaced_atomically
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +33,43 @@ log = logging.getLogger(__name__)
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            if err.errno == errno.ENOSPC:
-                raise UserError(f"No space left to write checkpoint {path}; the previous checkpoints in "
-                                f"{path.parent} are intact. Free space and resume with resume=auto.") from err
-            raise
+        with replaced_atomically(path, f"the previous checkpoints in {path.parent} are intact: free space and "
+                                       "continue with resume=auto") as tmp, open(tmp, "wb") as f:
+            save_reporting_os_errors(checkpoint, f)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UserError(f"{path} holds Python objects other than tensors and plain values, which gemma_fusion "
+                            "never writes and never loads (weights_only=True); it is not one of this project's "
+                            "checkpoints, or it was altered.") from err
+
+
+def save_reporting_os_errors(obj, f) -> None:
+    """torch.save into the open file `f`; a failed write raises its OSError (torch reports it as a RuntimeError
+    without the errno, so a full disk would look like a bug)."""
+    class Recording:
+        def __init__(self):
+            self.error = None
+
+        def write(self, data):
+            try:
+                return f.write(data)
+            except OSError as err:
+                self.error = err
+                raise
+
+        def flush(self):
+            f.flush()
+
+    recording = Recording()
+    try:
+        torch.save(obj, recording)
+    except RuntimeError:
+        if recording.error is not None:
+            raise recording.error from None
+        raise
 
 
 def rng_state() -> dict:

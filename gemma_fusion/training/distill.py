@@ -135,12 +135,11 @@ def write_cache(teacher_path: str, train_spec, cache_dir: Path, top_k: int, batc
                 allow_pipe: bool = False) -> dict:
     """One pass over the training shards with the teacher under its own preprocessing: its top-k log-probs of every
     target token of every sample -> cache_dir (written in a temporary directory, renamed into place at the end)."""
-    from gemma_fusion.data.pipeline import make_loader, preprocessor_for
+    from gemma_fusion.data.pipeline import make_loader, run_preprocessor
 
     teacher, tcfg = load_teacher(teacher_path)
     teacher.to(device)
-    preprocess = preprocessor_for(teacher, tcfg.data.image_tokens, tcfg.data.audio_max_seconds,
-                                  tcfg.data.get("max_length"))
+    preprocess = run_preprocessor(teacher, tcfg.data)
     loader = make_loader(train_spec, preprocess, batch_size, 0, 0, resampled=False, allow_pipe=allow_pipe,
                          split_by_rank=False)
     files, pending, samples = [], {}, 0

@@ -12,6 +12,8 @@ from hydra.utils import get_class
 from torch import nn
 from torch.distributed.fsdp.wrap import CustomPolicy
 
+from gemma_fusion.config import check_target
+
 
 def trains_alone(module: nn.Module) -> bool:
     """The module has parameters of its own and all of them train."""
@@ -22,6 +24,8 @@ def trains_alone(module: nn.Module) -> bool:
 def auto_wrap_policy(layer_classes: list[str]) -> CustomPolicy:
     """One FSDP unit per decoder layer (`layer_classes`: dotted class paths), per trainable module and per
     frozen encoder tower of a projector (`keep_frozen`)."""
+    for path in layer_classes:
+        check_target(path, "trainer.strategy.auto_wrap_policy.layer_classes")
     classes = tuple(get_class(path) for path in layer_classes)
     return CustomPolicy(lambda module: isinstance(module, classes) or trains_alone(module)
                         or getattr(module, "keep_frozen", False))  # a frozen fp32 encoder tower: its own unit

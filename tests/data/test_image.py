@@ -7,6 +7,7 @@ up to 25/255 on noise, which is why it is not used.
 """
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -18,7 +19,9 @@ from transformers.models.gemma4_unified.image_processing_gemma4_unified import (
 )
 
 from gemma_fusion.data.image import ImagePreprocessor, load_image, load_image_draft, patchify, target_size
+from gemma_fusion.errors import BadSample
 from gemma_fusion.models.fusion import pixels_to_unit
+from tests.data.awkward_media import _bomb_png
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +48,12 @@ def _assert_parity(processor, image: Image.Image, ours: tuple[torch.Tensor, torc
     assert position_ids.shape == (n, 2) and position_ids.dtype == torch.long
     assert torch.equal(position_ids, ref["image_position_ids"][0, :n])
     assert torch.equal(pixels_to_unit(pixel_values), ref["pixel_values"][0, :n])  # max abs diff 0.0
-    assert n <= budget
+    assert 1 <= n <= budget
 
 
 @pytest.mark.parametrize("budget", [70, 280])
-@pytest.mark.parametrize("height,width", [(480, 640), (1000, 333), (50, 2000), (2000, 50), (1, 1), (96, 144)])
+@pytest.mark.parametrize("height,width", [(480, 640), (1000, 333), (50, 2000), (2000, 50), (1, 1), (96, 144),
+                                          (10, 1000), (1000, 10)])
 def test_rgb_parity(processor, height, width, budget):
     image = Image.fromarray(_noise_and_gradient(height, width))
     _assert_parity(processor, image, patchify(image, budget), budget)
@@ -136,12 +140,67 @@ def test_bad_bytes():
         load_image(buffer.getvalue()[:60])  # truncated
 
 
-def test_decompression_bomb(monkeypatch):
+@pytest.fixture(scope="module")
+def over_100_megapixels() -> dict[str, bytes]:
+    """A 12000x9000 (108 MP) grey gradient as JPEG (1.4 MB) and PNG (0.5 MB): past Pillow's 89.5 MP warning."""
+    image = Image.linear_gradient("L").resize((12000, 9000))
+    encoded = {}
+    for fmt, options in (("JPEG", {"quality": 80}), ("PNG", {"compress_level": 1})):
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **options)
+        encoded[fmt] = buffer.getvalue()
+    return encoded
+
+
+@pytest.mark.parametrize("fmt,jpeg_draft", [("JPEG", False), ("JPEG", True), ("PNG", False)])
+def test_an_image_over_100_megapixels_is_tokenized_without_pillow_bomb_warnings(over_100_megapixels, fmt, jpeg_draft):
+    before = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        pixel_values, position_ids = ImagePreprocessor(280, jpeg_draft=jpeg_draft)(over_100_megapixels[fmt])
+    grid_h, grid_w = (side // 48 for side in target_size(9000, 12000, 280))
+    assert pixel_values.shape == (grid_h * grid_w, 6912) and grid_h * grid_w <= 280
+    assert position_ids.tolist() == [[x, y] for y in range(grid_h) for x in range(grid_w)]
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+@pytest.mark.parametrize("jpeg_draft", [False, True])
+def test_an_image_over_the_limit_is_refused_and_names_the_setting(over_100_megapixels, jpeg_draft):
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(BadSample, match=r"12000x9000 \(108.0 megapixels\), over the limit of 50 megapixels.*"
+                                        r"data.max_image_megapixels") as refused:
+        ImagePreprocessor(280, jpeg_draft=jpeg_draft, max_megapixels=50)(over_100_megapixels["JPEG"])
+    assert refused.value.reason == "image_too_large"
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_our_limit_replaces_pillows_global_one(monkeypatch):
+    """Under our limit an image decodes whatever Pillow's global says; over it, it is refused; the global is
+    left as it was, also after errors."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow alone would refuse 10000 px (> 2 * 1000)
+    image = Image.new("RGB", (100, 100), (9, 8, 7))
     buffer = io.BytesIO()
-    Image.new("RGB", (100, 100)).save(buffer, "PNG")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10000 px > 2 * limit -> error
-    with pytest.raises(ValueError, match="decompression bomb"):
-        load_image(buffer.getvalue())
+    image.save(buffer, "PNG")
+    for src in (buffer.getvalue(), image):
+        assert load_image(src).size == (100, 100)
+        with pytest.raises(BadSample, match=r"100x100 .*over the limit of 0.005 megapixels") as refused:
+            load_image(src, max_megapixels=0.005)
+        assert refused.value.reason == "image_too_large" and Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(BadSample, match="Could not decode"):
+        load_image(b"not an image")
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def test_a_900_megapixel_bomb_is_refused_from_its_header():
+    with pytest.raises(BadSample, match=r"30000x30000 \(900.0 megapixels\), over the limit of 200") as refused:
+        load_image(_bomb_png())  # decoding it would allocate 900 MB
+    assert refused.value.reason == "image_too_large"
+
+
+@pytest.mark.parametrize("limit", [0, -5, float("nan"), float("inf"), None, "200"])
+def test_a_limit_that_is_not_a_positive_number_fails_at_construction(limit):
+    with pytest.raises(ValueError, match="data.max_image_megapixels must be a positive number"):
+        ImagePreprocessor(280, max_megapixels=limit)
 
 
 @pytest.mark.parametrize("budget", [1, 8, 70, 140, 280, 560, 1120, 3000])

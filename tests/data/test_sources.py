@@ -82,6 +82,16 @@ def test_spec_forms(tmp_path):
     assert resolve_shards("https://host/data/s-{0..2}.tar") == [f"https://host/data/s-{i}.tar" for i in range(3)]
 
 
+def test_a_spec_that_names_missing_shards_says_which(tmp_path):
+    _shards(tmp_path, "shard", 3, 1)
+    with pytest.raises(UserError, match=r"names 5 shards but 2 do not exist \(e.g. .*shard-000003.tar\)"):
+        resolve_shards(str(tmp_path / "shard-{000000..000004}.tar"))
+    with pytest.raises(UserError, match=r"'.*shard-9\*.tar' matches no .tar files \(in .*\['shard-000000.tar'"):
+        resolve_shards(str(tmp_path / "shard-9*.tar"))
+    with pytest.raises(UserError, match="the directory does not exist"):
+        resolve_shards(str(tmp_path / "nowhere" / "*.tar"))
+
+
 def test_fewer_shards_than_readers_warns(tmp_path, caplog):
     urls = _shards(tmp_path, "a", 3, 1)
     with caplog.at_level(logging.WARNING):

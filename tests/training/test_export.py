@@ -92,11 +92,13 @@ def test_quantised_export_is_the_merged_model_quantised_once(trained_run, tmp_pa
 def test_a_failed_export_leaves_no_directory_and_a_full_one_is_not_overwritten(trained_run, tmp_path, monkeypatch):
     import gemma_fusion.export as export
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    from safetensors import SafetensorError
+
+    def disk_full(*args, **kwargs):  # what safetensors' writer raises on a full disk
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(export, "save_file", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"Could not write .*out \(No space left on device\); nothing was written"):
         export_run(trained_run, tmp_path / "out", "int8")
     assert list(tmp_path.iterdir()) == []  # neither OUT nor the temporary directory
     monkeypatch.undo()

@@ -1,9 +1,11 @@
-"""Faults a long run meets: SIGKILL (twice) and resume, SIGTERM, non-finite losses."""
+"""Faults a long run meets: SIGKILL (twice, and in the middle of a checkpoint save) and resume, a full disk while
+saving, SIGTERM / SIGUSR1, non-finite losses."""
 from __future__ import annotations
 
 import csv
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -47,30 +49,96 @@ def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: fl
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
+STEPS = 16  # 18 samples / batch 2: the run crosses an epoch boundary
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_gemma4_dir, tiny_demo_dir, tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one must reproduce."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    subprocess.run(_args(tiny_gemma4_dir, tiny_demo_dir, run_dir, STEPS), check=True, capture_output=True)
+    return run_dir
+
+
+def _assert_same_run(reference: Path, run_dir: Path, what: str) -> None:
+    """Same logged loss at every step (1e-6) and the same final weights; no partial checkpoint left."""
+    expected, got = _losses(reference), _losses(run_dir)
+    assert sorted(got) == sorted(expected), f"{what}: steps {sorted(got)}"
+    worst = max(abs(got[s] - expected[s]) for s in expected)
+    assert worst <= 1e-6, f"{what}: loss differs by {worst}"
+    a = load_file(reference / "final" / "trainable.safetensors")
+    b = load_file(run_dir / "final" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
 @pytest.mark.parametrize("kills", [(9, 12), "random"])  # 9: just after the epoch boundary (9 batches/epoch)
-def test_killed_twice_and_resumed_logs_the_losses_of_an_uninterrupted_run(kills, tiny_gemma4_dir, tiny_demo_dir,
-                                                                          tmp_path):
-    steps = 16  # 18 samples / batch 2: the run crosses an epoch boundary
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run(_args(tiny_gemma4_dir, tiny_demo_dir, reference, steps), check=True, capture_output=True)
+def test_killed_twice_and_resumed_logs_the_losses_of_an_uninterrupted_run(kills, reference, tiny_gemma4_dir,
+                                                                          tiny_demo_dir, tmp_path):
+    killed = tmp_path / "killed"
     if kills == "random":
-        kills = sorted(random.Random().sample(range(2, steps - 2), 2))
+        kills = sorted(random.Random().sample(range(2, STEPS - 2), 2))
     for kill_at in kills:
-        proc = subprocess.Popen(_args(tiny_gemma4_dir, tiny_demo_dir, killed, steps), stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(_args(tiny_gemma4_dir, tiny_demo_dir, killed, STEPS), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         _wait_for_step(proc, killed, kill_at)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    subprocess.run(_args(tiny_gemma4_dir, tiny_demo_dir, killed, steps), check=True, capture_output=True)
+    subprocess.run(_args(tiny_gemma4_dir, tiny_demo_dir, killed, STEPS), check=True, capture_output=True)
+    _assert_same_run(reference, killed, f"kills at {kills}")
 
-    expected, got = _losses(reference), _losses(killed)
-    assert sorted(got) == sorted(expected), f"kills at {kills}: steps {sorted(got)}"
-    worst = max(abs(got[s] - expected[s]) for s in expected)
-    assert worst <= 1e-6, f"kills at {kills}: loss differs by {worst}"
-    a = load_file(reference / "final" / "trainable.safetensors")
-    b = load_file(killed / "final" / "trainable.safetensors")
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
-    assert not list((killed / "checkpoints").glob("*.tmp"))
+
+@pytest.mark.parametrize("fault", ["kill_mid_save", "kill_before_rename"])
+def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoints_and_resume_ignores_the_partial_one(
+        fault, reference, tiny_gemma4_dir, tiny_demo_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = _args(tiny_gemma4_dir, tiny_demo_dir, run_dir, STEPS)
+    died = subprocess.run([sys.executable, str(Path(__file__).with_name("fault_train.py")), fault, "3", *args[2:]],
+                          capture_output=True, text=True)
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000002.ckpt", "step-0000004.ckpt",
+                                                             "step-0000006.ckpt.tmp"]
+    for path in checkpoints.glob("*.ckpt"):
+        assert torch.load(path, weights_only=True)["global_step"] == int(path.stem.split("-")[1])
+    if fault == "kill_mid_save":
+        with pytest.raises(RuntimeError):  # the partial file really is unreadable
+            torch.load(checkpoints / "step-0000006.ckpt.tmp", weights_only=True)
+
+    resumed = subprocess.run(args, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "step-0000006.ckpt.tmp: a checkpoint save that did not finish" in resumed.stdout + resumed.stderr
+    _assert_same_run(reference, run_dir, fault)
+
+
+def test_a_full_disk_while_saving_is_one_sentence_and_the_previous_checkpoints_carry_the_run(
+        reference, tiny_gemma4_dir, tiny_demo_dir, tmp_path):
+    """A real write failure from the kernel: the resumed run gets a file-size limit (RLIMIT_FSIZE, EFBIG) below
+    one checkpoint's size, so its first save fails part-way through the file, as on a full disk."""
+    run_dir = tmp_path / "run"
+    args = _args(tiny_gemma4_dir, tiny_demo_dir, run_dir, STEPS)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_step(proc, run_dir, 5)  # checkpoints at steps 2 and 4 are written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoints = run_dir / "checkpoints"
+    before = {p.name: p.read_bytes() for p in checkpoints.glob("*.ckpt")}
+    limit = min(len(b) for b in before.values()) // 2
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    full = subprocess.run(args, capture_output=True, text=True, preexec_fn=limit_file_size)
+    out = full.stdout + full.stderr
+    assert full.returncode == 1, out[-2000:]
+    saved_at = max(int(name[5:12]) for name in before)
+    assert (f"error: Could not write {checkpoints}/step-{saved_at + 2:07d}.ckpt (File too large); the previous "
+            f"checkpoints in {checkpoints} are intact: free space and continue with resume=auto.") in out
+    assert "Traceback" not in out
+    assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before  # untouched, nothing partial added
+
+    subprocess.run(args, check=True, capture_output=True)
+    _assert_same_run(reference, run_dir, "full disk")
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_exits_0(tiny_gemma4_dir, tiny_demo_dir, tmp_path):

@@ -36,6 +36,7 @@ def _fsdp_run(run_dir: Path, backbone: Path, demo: Path, *extra: str) -> subproc
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "SLURM_NTASKS", "HYDRA_FULL_ERROR")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["GEMMA_FUSION_TARGETS"] = "tests"  # the CPU strategy lives in this test package (config._target_ allowlist)
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], cwd=run_dir.parent, env=env,
                           capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
