@@ -27,7 +27,7 @@ def run(cfg: DictConfig) -> dict:
     run_dirs = [Path(cfg.run), *map(Path, cfg.compare or [])]
     results, val_sets = [], set()
     for run_dir in run_dirs:
-        model, run_cfg = load_for_inference(run_dir)  # a train.py run or an export
+        model, run_cfg = load_for_inference(run_dir, cfg.trust_remote_code)  # a train.py run or an export
         val_sets.add(str(run_cfg.data.val))
         if cfg.data.eval is None and len(val_sets) > 1:
             raise UserError(f"compare: {run_dirs[0]} and {run_dir} were validated on different data "

@@ -54,7 +54,7 @@ COPIED_FILES = ("generation_config.json", "preprocessor_config.json", "processor
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, quant: str = "none", group_size: int = 64,
-               overwrite: bool = False, dtype: str | None = None) -> Path:
+               overwrite: bool = False, dtype: str | None = None, trust_remote_code: bool = False) -> Path:
     """Write the export directory (see the module docstring) and return its path."""
     from gemma_fusion.models.quant import QuantizedLinear, quantize_frozen
     from gemma_fusion.training.adapters import merge_lora
@@ -65,7 +65,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, quant: str = "none", gr
     out_dir = Path(out_dir).expanduser().absolute()
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"export: out={out_dir} exists and is not empty; pass another out= or overwrite=true.")
-    model, cfg = load_run(run_dir, for_export=True)
+    model, cfg = load_run(run_dir, for_export=True, trust_remote_code=trust_remote_code)
     backbone_dir = Path(cfg.backbone.path).expanduser()
     merged = bool(getattr(model.backbone.decoder, "peft_config", None))
     if merged:
@@ -190,15 +190,18 @@ def check_loaded(full: nn.Module, quantized: dict, what: str) -> None:
                         "layout); please report it with the backbone's config.json.")
 
 
-def load_export(path: str | Path):
-    """An export directory -> (FusionModel, the run's config with backbone.path = path)."""
+def load_export(path: str | Path, trust_remote_code: bool = False):
+    """An export directory -> (FusionModel, the run's config with backbone.path = path); `trust_remote_code`:
+    see `restore.check_remote_code_consent`."""
     from gemma_fusion.models.backbone import load_backbone, split_full_model
+    from gemma_fusion.training.restore import check_remote_code_consent
     from gemma_fusion.models.build import build_projector
     from gemma_fusion.models.fusion import FusionModel
 
     path = Path(path).expanduser()
     meta = read_export_meta(path)
     cfg = OmegaConf.create(meta["config"])
+    check_remote_code_consent(cfg, f"run={path}", trust_remote_code)
     cfg.backbone.path = str(path)
     if meta["quant"] == "none":
         loaded = load_backbone(path, meta["dtype"], cfg.backbone.attn_implementation,
@@ -263,12 +266,13 @@ def quantized_model(path: Path, spec, meta: dict, dtype: torch.dtype, attn_imple
 
 
 def parse_args(argv: list[str]) -> dict:
-    args = {"quant": "none", "group_size": "64", "overwrite": "false", "dtype": None}
+    args = {"quant": "none", "group_size": "64", "overwrite": "false", "dtype": None, "trust_remote_code": "false"}
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep or key not in ("run", "out", "quant", "group_size", "overwrite", "dtype"):
+        if not sep or key not in ("run", "out", "quant", "group_size", "overwrite", "dtype", "trust_remote_code"):
             raise UserError(f"export: unexpected argument {arg!r}; usage: python -m gemma_fusion.export run=RUN "
-                            "quant=none|int8|int4 out=OUT [dtype=bfloat16|float32] [group_size=64] [overwrite=true].")
+                            "quant=none|int8|int4 out=OUT [dtype=bfloat16|float32] [group_size=64] [overwrite=true] "
+                            "[trust_remote_code=true].")
         args[key] = value
     for key in ("run", "out"):
         if key not in args:
@@ -285,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     def run(argv):
         args = parse_args(argv)
         out = export_run(args["run"], args["out"], args["quant"], int(args["group_size"]),
-                         args["overwrite"].lower() in ("1", "true", "yes"), args["dtype"])
+                         args["overwrite"].lower() in ("1", "true", "yes"), args["dtype"],
+                         args["trust_remote_code"].lower() in ("1", "true", "yes"))
         size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
         print(f"exported {args['run']} -> {out} (quant={args['quant']}, {size / 2**20:.1f} MiB)")
 

@@ -4,7 +4,8 @@ The text streams to stdout as tokens arrive; stderr gets the time to first token
 `prompts=FILE.jsonl` answers one prompt per line (`{"prompt", "image"?, "audio"?, "id"?}`) and writes one
 JSON line per prompt (`{"id", "prompt", "output", "ttft_s", "tokens_per_s"}`) to `out=` (default stdout).
 Options: max_new_tokens=64, temperature=0 (greedy; > 0 samples, with top_k=0 (all), top_p=1.0 and seed=0),
-device=auto (cuda if available), batch_size=8 (prompts per batch in prompts= mode). Relative paths are
+device=auto (cuda if available), batch_size=8 (prompts per batch in prompts= mode), trust_remote_code=false
+(a run on a backbone that ships its own code loads only with true). Relative paths are
 relative to the working directory. The sample is built exactly as the run's data loader builds one.
 A mistake (unknown option, bad value, missing file) ends with one sentence and exit status 2.
 """
@@ -22,10 +23,19 @@ from gemma_fusion.training.restore import load_for_inference
 if TYPE_CHECKING:
     from gemma_fusion.inference.prompts import Request
 
+
+def switch(value: str) -> bool:
+    """true / false (also 1 / 0, yes / no) -> bool; anything else is a ValueError."""
+    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(value)
+    return value.lower() in ("true", "1", "yes")
+
+
 OPTIONS = {"run": str, "prompt": str, "image": str, "audio": str, "prompts": str, "out": str, "max_new_tokens": int,
-           "temperature": float, "top_k": int, "top_p": float, "seed": int, "device": str, "batch_size": int}
+           "temperature": float, "top_k": int, "top_p": float, "seed": int, "device": str, "batch_size": int,
+           "trust_remote_code": switch}
 DEFAULTS = dict(prompt=None, image=None, audio=None, prompts=None, out=None, max_new_tokens=64, temperature=0.0,
-                top_k=0, top_p=1.0, seed=0, device="auto", batch_size=8)
+                top_k=0, top_p=1.0, seed=0, device="auto", batch_size=8, trust_remote_code=False)
 RANGES = (("max_new_tokens", lambda v: v >= 1, ">= 1"), ("batch_size", lambda v: v >= 1, ">= 1"),
           ("top_k", lambda v: v >= 0, ">= 0"), ("temperature", lambda v: v >= 0, ">= 0"),
           ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"))
@@ -103,7 +113,7 @@ def run(args: dict) -> list[dict]:
         raise UserError(f"device={device} is not a device; use auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={device} was asked for but no CUDA device is available; use device=cpu.")
-    model, cfg = load_for_inference(args["run"])
+    model, cfg = load_for_inference(args["run"], args["trust_remote_code"])
     model.to(device)
     preprocess = prompt_preprocessor(model, cfg.data)
     generation = {k: args[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}

@@ -9,12 +9,12 @@ from safetensors.torch import load_file
 from gemma_fusion.errors import UserError
 
 
-def load_run(run_dir: str | Path, for_export: bool = False):
+def load_run(run_dir: str | Path, for_export: bool = False, trust_remote_code: bool = False):
     """-> (FusionModel with the run's trainable weights, the run's config).
 
     `for_export`: a plain eager model on a full-precision base, even if the run trained with `backbone.quant`,
     `model.compile` or `model.gradient_checkpointing` (export merges the adapters into full-precision weights,
-    then quantises once).
+    then quantises once). `trust_remote_code`: see `check_remote_code_consent`.
     """
     from gemma_fusion.models.build import build_model
 
@@ -24,6 +24,7 @@ def load_run(run_dir: str | Path, for_export: bool = False):
         if not path.is_file():
             raise UserError(f"run={run_dir} has no {path.relative_to(run_dir)}; pass a directory written by train.py.")
     cfg = OmegaConf.load(config_path)
+    check_remote_code_consent(cfg, f"run={run_dir}", trust_remote_code)
     if for_export:
         cfg.backbone.quant, cfg.model.compile, cfg.model.gradient_checkpointing = "none", False, False
     model = build_model(cfg)
@@ -38,6 +39,15 @@ def load_run(run_dir: str | Path, for_export: bool = False):
     return model.eval(), cfg
 
 
+def check_remote_code_consent(cfg, where: str, trusted: bool) -> None:
+    """A run's config.yaml (perhaps someone else's) cannot by itself make gemma_fusion run a checkpoint's own
+    Python code: the user who loads the run says so again."""
+    if cfg.backbone.get("trust_remote_code") and not trusted:
+        raise UserError(f"{where} uses a backbone that runs its own Python code ({cfg.backbone.path}, pinned "
+                        f"{cfg.backbone.get('revision')}); it loads only when you pass trust_remote_code=true to "
+                        "eval.py, gemma_fusion.infer or gemma_fusion.export.")
+
+
 def model_dir_kind(path: str | Path) -> str | None:
     """"export" (a `gemma_fusion.export` directory), "run" (a train.py run directory) or None."""
     path = Path(path).expanduser()
@@ -46,14 +56,14 @@ def model_dir_kind(path: str | Path) -> str | None:
     return "run" if (path / "config.yaml").is_file() else None
 
 
-def load_for_inference(path: str | Path):
+def load_for_inference(path: str | Path, trust_remote_code: bool = False):
     """A train.py run directory (config.yaml + final/) or an export (export.json) -> (FusionModel, its config)."""
     kind = model_dir_kind(path)
     if kind == "export":
         from gemma_fusion.export import load_export
 
-        return load_export(Path(path).expanduser())
+        return load_export(Path(path).expanduser(), trust_remote_code)
     if kind == "run":  # load_run says what is missing if training has not finished
-        return load_run(Path(path).expanduser())
+        return load_run(Path(path).expanduser(), trust_remote_code=trust_remote_code)
     raise UserError(f"run={path} is neither a train.py run directory (config.yaml and final/) nor an export "
                     "(export.json).")

@@ -185,3 +185,24 @@ def test_pinned_remote_code_loads_through_the_config(remote_code_dir, make_cfg):
     assert is_remote_code(model.backbone.text_config)  # the checkpoint's PinnedConfig, not LlamaConfig
     ids = torch.tensor([[2, 40, 41, 42]])
     assert model.backbone.logits(model.backbone(model.backbone.embed(ids))).shape == (1, 4, 272)
+
+
+def test_a_run_on_remote_code_needs_consent_again_when_it_is_loaded(remote_code_dir, make_cfg, tmp_path):
+    """A run directory is often someone else's: its config.yaml alone cannot switch remote code on."""
+    from gemma_fusion.config import save_yaml
+    from gemma_fusion.training.callbacks import save_final
+    from gemma_fusion.training.restore import load_for_inference
+
+    path, marker = remote_code_dir
+    cfg = make_cfg(f"backbone.path={path}", "+backbone.trust_remote_code=true",
+                   f"+backbone.revision={code_digest(path)}", "model/vision=linear", "model/audio=none")
+    run = tmp_path / "run"
+    run.mkdir()
+    save_yaml(cfg, run / "config.yaml")
+    save_final(build_model(cfg), run)
+    marker.unlink()
+    with pytest.raises(UserError, match="runs its own Python code.*pass trust_remote_code=true to eval.py"):
+        load_for_inference(run)
+    assert not marker.exists()
+    model, _ = load_for_inference(run, trust_remote_code=True)
+    assert is_remote_code(model.backbone.text_config)
