@@ -13,7 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from gemma_fusion.config import CONFIG_DIR, check_cli_overrides, check_targets, checked_instantiate, save_yaml, to_plain
+from gemma_fusion.config import (CONFIG_DIR, check_cli_overrides, check_targets, check_values, checked_instantiate,
+                                 save_yaml, to_plain)
 from gemma_fusion.errors import UserError, exit_on_user_error
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,13 @@ def train(cfg: DictConfig, run_dir: Path):
     from gemma_fusion.data.pipeline import make_loader, run_preprocessor
     from gemma_fusion.data.state import StreamState
     from gemma_fusion.models.build import build_model
-    from gemma_fusion.training.callbacks import (DataBookkeeping, build_callbacks, build_loggers, gathered_trainable,
+    from gemma_fusion.training.callbacks import (DataBookkeeping, build_callbacks, gathered_trainable,
                                                  save_final, set_aside_metrics, stitch_metrics)
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from gemma_fusion.training.compute import compute_report, flat_metrics, matched_steps, write_compute_report
-    from gemma_fusion.training.checkpointing import AtomicCheckpointIO, SignalCheckpoint, slurm_environment
+    from gemma_fusion.training.checkpointing import SignalCheckpoint
     from gemma_fusion.training.module import FusionLitModule
 
     from omegaconf import OmegaConf
@@ -53,6 +54,7 @@ def train(cfg: DictConfig, run_dir: Path):
         raise UserError(f"{', '.join(missing)} must be set (e.g. {missing[0]}=...): the chosen options leave "
                         f"{'it' if len(missing) == 1 else 'them'} open.")
     check_targets(cfg)  # before anything is imported or built from them
+    check_values(cfg)
     if cfg.model.get("require_init_from") and not cfg.model.get("init_from"):
         raise UserError("this experiment continues an earlier run: pass model.init_from=RUN (e.g. experiment=finetune "
                         "model.init_from=runs/align).")
@@ -74,6 +76,7 @@ def train(cfg: DictConfig, run_dir: Path):
         cache_gb=data.get("cache_gb", 0), pack_length=data.get("pack_length", 0),
         max_batch_tokens=data.get("max_batch_tokens"), state=state, allow_pipe=data.get("allow_pipe", False),
         world_size=planned_world_size(cfg.trainer), max_shards=data.get("max_train_shards"),
+        max_bad_fraction=data.get("max_bad_fraction", 0.05), bad_check_after=data.get("bad_check_after", 200),
     )
     # every rank measures all of val (the same samples, so the same figures and the same matched step count)
     report = compute_report(model, make_loader(to_plain(data.val), preprocess, data.eval_batch_size,
@@ -94,13 +97,10 @@ def train(cfg: DictConfig, run_dir: Path):
                  SignalCheckpoint(run_dir / "checkpoints"), *build_callbacks(cfg, run_dir)]
     if ckpt_path and rank_zero_only.rank == 0:
         set_aside_metrics(run_dir)
-    # a strategy may be a `_target_` node
-    trainer = L.Trainer(**checked_instantiate(cfg.trainer, "trainer", _convert_="all"),
-                        default_root_dir=run_dir, logger=build_loggers(cfg, run_dir),
-                        callbacks=callbacks, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-                        plugins=[p for p in (AtomicCheckpointIO(), slurm_environment()) if p is not None])
-    # FSDP gathers each unit's weights with a collective every rank must join: all ranks run every projector
-    model.run_idle_projectors = isinstance(trainer.strategy, FSDPStrategy)
+    trainer = build_trainer(cfg, run_dir, callbacks)
+    # FSDP gathers each unit's weights with a collective every rank must join, and DDP expects a gradient for every
+    # trainable parameter (also with `trainer.devices=N` alone): all ranks run every projector
+    model.run_idle_projectors = isinstance(trainer.strategy, (FSDPStrategy, DDPStrategy))
     if module.distiller is not None:  # the teacher (or its cached top-k) on this process's device
         module.distiller.setup(trainer.strategy.root_device, to_plain(data.train), data.eval_batch_size,
                                data.get("allow_pipe", False))
@@ -134,6 +134,23 @@ def train(cfg: DictConfig, run_dir: Path):
 
         merge_lora(model)
     return model
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
+    """The Lightning Trainer of `cfg.trainer` (a strategy may be a `_target_` node); a setting Lightning rejects
+    (`trainer.precision=fp8`, `trainer.accelerator=gpu` without one) is one sentence."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from gemma_fusion.training.callbacks import build_loggers
+    from gemma_fusion.training.checkpointing import AtomicCheckpointIO, slurm_environment
+
+    options = checked_instantiate(cfg.trainer, "trainer", _convert_="all")
+    try:
+        return L.Trainer(**options, default_root_dir=run_dir, logger=build_loggers(cfg, run_dir), callbacks=callbacks,
+                         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+                         plugins=[p for p in (AtomicCheckpointIO(), slurm_environment()) if p is not None])
+    except (MisconfigurationException, ValueError, TypeError) as err:
+        raise UserError(f"trainer: Lightning rejects these settings ({err}); check the trainer.* values.") from err
 
 
 def check_data_paths(data: DictConfig) -> None:

@@ -97,6 +97,51 @@ def _check_type(key: str, node, value) -> None:
         raise SystemExit(f"error: {key}={value} is not {kinds[kind][0]} (its default is {shown}).")
 
 
+# key -> (kind, test, what it must be); null passes only for the keys marked nullable
+_NUMBER_RULES = {
+    "data.batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
+    "data.eval_batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
+    "data.image_tokens": (int, lambda v: v >= 1, "an integer >= 1 (soft tokens per image)"),
+    "data.num_workers": (int, lambda v: v >= 0, "an integer >= 0"),
+    "data.shuffle_buffer": (int, lambda v: v >= 0, "an integer >= 0"),
+    "data.bucket_batches": (int, lambda v: v >= 1, "an integer >= 1"),
+    "data.pack_length": (int, lambda v: v >= 0, "an integer >= 0 (0: no packing)"),
+    "data.max_batch_tokens": (int, lambda v: v >= 1, "null or an integer >= 1"),
+    "data.max_length": (int, lambda v: v >= 1, "null or an integer >= 1"),
+    "data.max_train_shards": (int, lambda v: v >= 1, "null or an integer >= 1"),
+    "data.cache_gb": (float, lambda v: v >= 0, "a number >= 0"),
+    "data.audio_max_seconds": (float, lambda v: v > 0, "null or a number > 0"),
+    "data.max_bad_fraction": (float, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+    "data.bad_check_after": (int, lambda v: v >= 0, "an integer >= 0"),
+    "data.max_image_megapixels": (float, lambda v: v > 0, "a number > 0"),
+    "optim.warmup_steps": (int, lambda v: v >= 0, "an integer >= 0"),
+    "optim.schedule_steps": (int, lambda v: v >= 1, "null or an integer >= 1"),
+    "optim.weight_decay": (float, lambda v: v >= 0, "a number >= 0"),
+    "optim.max_nonfinite_skips": (int, lambda v: v >= 0, "an integer >= 0"),
+    "lora.r": (int, lambda v: v >= 0, "an integer >= 0 (0: no adapters)"),
+    "checkpoint.every_n_steps": (int, lambda v: v >= 0, "an integer >= 0 (0: no checkpoints)"),
+    "trainer.max_steps": (int, lambda v: v >= 1 or v == -1, "an integer >= 1 (or -1 with trainer.max_epochs)"),
+}
+_ABSENT = object()
+_NULLABLE = {"data.max_batch_tokens", "data.max_length", "data.max_train_shards", "data.audio_max_seconds",
+             "optim.schedule_steps", "lora.r"}
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Sizes, counts and rates in range (a batch size of 0 would loop forever gathering an empty batch)."""
+    checks = dict(_NUMBER_RULES)
+    lr = OmegaConf.select(cfg, "optim.lr")
+    for part in lr if OmegaConf.is_dict(lr) else ():
+        checks[f"optim.lr.{part}"] = (float, lambda v: v >= 0, "a number >= 0 (0 freezes that part)")
+    for key, (kind, test, rule) in checks.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT or (value is None and key in _NULLABLE):
+            continue
+        kinds = (int,) if kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not test(value):
+            raise UserError(f"{key}={value} is out of range: it must be {rule}.")
+
+
 CLASS_PACKAGES = ("lightning", "torch", "transformers", "peft")  # classes only: their functions load and run things
 TARGETS_ENV = "GEMMA_FUSION_TARGETS"
 

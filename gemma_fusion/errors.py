@@ -30,4 +30,13 @@ def exit_on_user_error(fn, *args):
     except UserError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        sys.exit(f"error: {err}")
+        sys.exit(f"error: {sentence(err)}")
+
+
+def sentence(err: UserError) -> str:
+    """The error's sentence; a DataLoader worker re-raises it with the worker's traceback in the message
+    ("Caught UserError in DataLoader worker process 0. Original Traceback ..."), whose last line holds it."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text

@@ -25,7 +25,7 @@ from gemma_fusion.data.image import MAX_MEGAPIXELS, ImagePreprocessor
 from gemma_fusion.data.sequence import build_sequence
 from gemma_fusion.data.sources import ShardStream, mix, mixture_components, resolve_shards, warn_if_too_few_shards
 from gemma_fusion.data.sources import worker_info
-from gemma_fusion.data.state import DataStats, StreamState
+from gemma_fusion.data.state import DataStats, StreamState, check_bad_fraction
 from gemma_fusion.errors import BadSample
 
 __all__ = ["IMAGE_EXTS", "AUDIO_EXTS", "SamplePreprocessor", "MemoryCache", "make_loader", "preprocessor_for",
@@ -156,7 +156,7 @@ class SampleStream(torch.utils.data.IterableDataset):
     def __init__(self, spec, preprocess, batch_size: int, shuffle: int = 0, seed: int = 0, resampled: bool = False,
                  bucket_batches: int = 1, pack_length: int = 0, max_batch_tokens: int | None = None,
                  state: StreamState | None = None, allow_pipe: bool = False, split_by_rank: bool = True,
-                 max_shards: int | None = None):
+                 max_shards: int | None = None, max_bad_fraction: float | None = None, bad_check_after: int = 200):
         super().__init__()
         self.components = [(resolve_shards(s, allow_pipe)[:max_shards], w) for s, w in mixture_components(spec)]
         self.preprocess, self.shuffle, self.seed, self.resampled = preprocess, shuffle, seed, resampled
@@ -165,6 +165,7 @@ class SampleStream(torch.utils.data.IterableDataset):
         self.state = state
         self.stats = DataStats()
         self.split_by_rank = split_by_rank
+        self.max_bad_fraction, self.bad_check_after = max_bad_fraction, bad_check_after
 
     def __iter__(self) -> Iterator[dict]:
         self.stats = DataStats()  # this pass's counts: an epoch without workers must not re-send the previous ones
@@ -203,6 +204,7 @@ class SampleStream(torch.utils.data.IterableDataset):
                 out = self.preprocess(sample)
             except Exception as exn:  # noqa: BLE001 - every failure is counted by reason and the run goes on
                 self.stats.skip(exn)
+                check_bad_fraction(self.stats.skipped, self.stats.ok, self.max_bad_fraction, self.bad_check_after)
                 continue
             self.stats.ok += 1
             yield out
@@ -229,6 +231,8 @@ def make_loader(
     world_size: int = 1,
     split_by_rank: bool = True,
     max_shards: int | None = None,
+    max_bad_fraction: float | None = None,
+    bad_check_after: int = 200,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over shards; `resampled=True` streams forever (training), otherwise epoch by epoch.
 
@@ -240,11 +244,14 @@ def make_loader(
     process's ok / skipped counts so far in this epoch) and `position` (the reader layout: world size, workers).
     `split_by_rank=False`: this process reads every shard even under DDP (one rank evaluating all of val).
     `max_shards`: only the first N shards of each spec (in sorted order): a smaller data set, e.g. for scaling.
+    `max_bad_fraction`: once `bad_check_after` samples were read, more bad ones than this share stop the
+    stream with one sentence (data where nothing passes would otherwise never form a batch).
     """
     if cache_gb > 0:
         preprocess = MemoryCache(preprocess, cache_gb)
     dataset = SampleStream(spec, preprocess, batch_size, shuffle, seed, resampled, bucket_batches, pack_length,
-                           max_batch_tokens, state, allow_pipe, split_by_rank, max_shards)
+                           max_batch_tokens, state, allow_pipe, split_by_rank, max_shards, max_bad_fraction,
+                           bad_check_after)
     for urls, _ in dataset.components:
         warn_if_too_few_shards(urls, num_workers, world_size, f"data spec {str(spec)[:80]}")
     return ResumableLoader(dataset, batch_size=None, num_workers=num_workers,

@@ -16,6 +16,8 @@ import logging
 import tarfile
 from collections import Counter
 
+from gemma_fusion.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -100,6 +102,19 @@ def reason_of(exn: Exception) -> str:
     return type(exn).__name__
 
 
+def check_bad_fraction(skipped: Counter, ok: int, max_bad_fraction: float | None, check_after: int) -> None:
+    """Stop with one sentence once `check_after` samples were read and more than `max_bad_fraction` were bad
+    (skips of a modality the model was built without do not count: `FILTERED_REASONS`)."""
+    bad = Counter({r: n for r, n in skipped.items() if r not in FILTERED_REASONS})
+    total = sum(bad.values()) + ok
+    if max_bad_fraction is None or total < check_after or sum(bad.values()) <= max_bad_fraction * total:
+        return
+    reasons = ", ".join(f"{r}: {n}" for r, n in bad.most_common())
+    raise UserError(f"{sum(bad.values())} of {total} samples so far were bad ({reasons}), more than "
+                    f"data.max_bad_fraction={max_bad_fraction}; check the data with `python -m "
+                    "gemma_fusion.data.inspect` or raise the limit.")
+
+
 class DataStats:
     """Samples ok / skipped by reason in one loader process; `skip` is a webdataset handler."""
 
@@ -145,13 +160,3 @@ class StatsTotals:
         for s in self.latest.values():
             total.update(s["skipped"])
         return total
-
-    @property
-    def bad(self) -> Counter:
-        """Skips for bad data; samples of a modality the model was built without (`no_vision`, `no_audio`) are
-        left out on purpose (a vision-only run on mixed data), not bad."""
-        return Counter({r: n for r, n in self.skipped.items() if r not in FILTERED_REASONS})
-
-    def bad_fraction(self) -> float:
-        bad = sum(self.bad.values())
-        return bad / max(1, bad + self.ok)

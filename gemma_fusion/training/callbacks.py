@@ -15,8 +15,7 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from gemma_fusion.config import to_plain
-from gemma_fusion.data.state import StatsTotals, StreamState
-from gemma_fusion.errors import UserError
+from gemma_fusion.data.state import StatsTotals, StreamState, check_bad_fraction
 from gemma_fusion.files import replaced_atomically
 from gemma_fusion.training.trainable import trainable_names, trainable_state_dict
 
@@ -135,13 +134,8 @@ class DataBookkeeping(Callback):
         metrics = {"data/skipped": float(sum(skipped.values())), "data/samples_ok": float(self.totals.ok)}
         metrics.update({f"data/skipped_{reason}": float(n) for reason, n in skipped.items()})
         pl_module.log_dict(metrics, on_step=True, batch_size=len(batch["meta"]))
-        bad = sum(self.totals.bad.values())
-        if bad + self.totals.ok >= self.check_after and self.totals.bad_fraction() > self.max_bad_fraction:
-            reasons = ", ".join(f"{r}: {n}" for r, n in self.totals.bad.most_common())
-            raise UserError(
-                f"{bad} of {bad + self.totals.ok} samples so far were bad ({reasons}), more than "
-                f"data.max_bad_fraction={self.max_bad_fraction}; check the data with `python -m "
-                "gemma_fusion.data.inspect` or raise the limit.")
+        # (each loader process checks its own samples too, so data where nothing passes stops before any batch)
+        check_bad_fraction(skipped, self.totals.ok, self.max_bad_fraction, self.check_after)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.state.next_epoch()

@@ -5,7 +5,8 @@
   reads only `*.ckpt` and removes a kill's leftover `.tmp`). It loads with `torch.load(weights_only=True)`:
   checkpoints hold tensors and plain Python types only.
 - `SignalCheckpoint` turns SIGTERM and SIGUSR1 into "checkpoint at the next step boundary, then exit 0",
-  so a preempted job resumes with `resume=auto` and loses nothing. Under SLURM, SIGUSR1 (`#SBATCH
+  so a preempted job resumes with `resume=auto` and loses nothing; a second SIGTERM stops the process at once
+  (for a step that does not end). Under SLURM, SIGUSR1 (`#SBATCH
   --signal=USR1@120`, sent before the time limit) also requeues the job (`scontrol requeue`); Lightning's
   own SLURM handler, which saves in the middle of a step, is switched off (`slurm_environment`).
 """
@@ -135,6 +136,9 @@ class SignalCheckpoint(Callback):
         slurm = SLURMEnvironment.detect()
 
         def request(signum, frame):
+            if self.requested and signum == signal.SIGTERM:  # a second SIGTERM: stop now, without a checkpoint
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
             self.requested = True
             self.requeue = self.requeue or (slurm and signum == getattr(signal, "SIGUSR1", None))
 

@@ -7,6 +7,8 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
+from gemma_fusion.errors import UserError
+
 log = logging.getLogger(__name__)
 PARTS = ("vision", "audio", "lora", "backbone")
 # Wrappers that FSDP, activation checkpointing and torch.compile put into parameter names
@@ -30,7 +32,12 @@ def add_lora(decoder: nn.Module, r: int, alpha: int, dropout: float, target_modu
     peft creates them in the base layer's dtype, and bf16 adapters would lose small AdamW updates to rounding."""
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         use_dora=use_dora)
-    inject_adapter_in_model(config, decoder)
+    try:
+        inject_adapter_in_model(config, decoder)
+    except ValueError as err:  # peft's NoMatchingPeftModuleError among others
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in decoder.named_modules() if isinstance(m, nn.Linear)})
+        raise UserError(f"lora.target_modules={list(target_modules)} cannot be adapted ({err}); the backbone's "
+                        f"linear layers are named {', '.join(linear)}.") from err
     for name, param in decoder.named_parameters():
         if "lora_" in name and param.is_floating_point():
             param.data = param.data.float()

@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 import torch
 
 from gemma_fusion.data.batching import batch_stage
@@ -67,9 +68,13 @@ def test_token_budget_batches():
 
 
 def test_samples_of_a_modality_the_model_lacks_are_not_bad_data():
-    from gemma_fusion.data.state import StatsTotals
+    from gemma_fusion.data.state import StatsTotals, check_bad_fraction
+    from gemma_fusion.errors import UserError
 
     totals = StatsTotals()
     totals.update({"source": "w0", "ok": 60, "skipped": {"no_audio": 30, "image_undecodable": 10}})
-    assert sum(totals.skipped.values()) == 40 and dict(totals.bad) == {"image_undecodable": 10}
-    assert totals.bad_fraction() == 10 / 70
+    assert sum(totals.skipped.values()) == 40
+    check_bad_fraction(totals.skipped, totals.ok, 0.15, 50)  # 10 bad of 70 (the 30 no_audio left out): < 0.15
+    with pytest.raises(UserError, match=r"^10 of 70 samples so far were bad \(image_undecodable: 10\)"):
+        check_bad_fraction(totals.skipped, totals.ok, 0.14, 50)
+    check_bad_fraction(totals.skipped, totals.ok, 0.14, 71)  # not checked before 71 samples

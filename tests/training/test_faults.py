@@ -157,6 +157,22 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_0(tiny_gemma4_dir, tiny_
     assert state["global_step"] >= 3 and "DataBookkeeping" in "".join(state["callbacks"])
 
 
+def test_a_second_sigterm_stops_at_once_when_a_step_does_not_end():
+    """The first SIGTERM waits for the step boundary (to checkpoint); a step that never ends (a stuck read) must
+    not make the process unkillable by SIGTERM."""
+    script = ("import os, signal\n"
+              "from gemma_fusion.training.checkpointing import SignalCheckpoint\n"
+              "callback = SignalCheckpoint('unused')\n"
+              "callback.on_train_start(None, None)\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\n"
+              "print('first: checkpoint requested', callback.requested, flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\n"
+              "print('second: still alive', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.splitlines() == ["first: checkpoint requested True"], proc.stdout + proc.stderr[-2000:]
+    assert proc.returncode == -signal.SIGTERM
+
+
 def _poison(monkeypatch, at_steps: set[int]):
     """Make the loss NaN at the given steps (a real forward pass, multiplied by NaN)."""
     from gemma_fusion.training.module import FusionLitModule
