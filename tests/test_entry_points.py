@@ -24,8 +24,10 @@ def test_unknown_option_lists_the_valid_choices():
 
 
 def test_missing_backbone_path_is_one_sentence_without_traceback(tmp_path):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "shard-000000.tar").write_bytes(b"")  # data paths are checked first: they must exist
     proc = _train("backbone=path", f"backbone.path={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'run'}",
-                  "data.prepare_demo=false")
+                  "data.prepare_demo=false", f"data.train={tmp_path / 'shards'}", f"data.val={tmp_path / 'shards'}")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "does not exist or is not a directory" in out and "Traceback" not in out
