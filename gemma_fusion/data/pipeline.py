@@ -26,7 +26,7 @@ from gemma_fusion.data.sequence import build_sequence
 from gemma_fusion.data.sources import ShardStream, mix, mixture_components, resolve_shards, warn_if_too_few_shards
 from gemma_fusion.data.sources import worker_info
 from gemma_fusion.data.state import DataStats, StreamState, check_bad_fraction
-from gemma_fusion.errors import BadSample
+from gemma_fusion.errors import BadSample, UserError
 
 __all__ = ["IMAGE_EXTS", "AUDIO_EXTS", "SamplePreprocessor", "MemoryCache", "make_loader", "preprocessor_for",
            "run_preprocessor", "resolve_shards"]
@@ -247,6 +247,9 @@ def make_loader(
     `max_bad_fraction`: once `bad_check_after` samples were read, more bad ones than this share stop the
     stream with one sentence (data where nothing passes would otherwise never form a batch).
     """
+    if batch_size < 1:  # (batching would wait forever for an empty batch to fill)
+        raise UserError(f"A batch size of {batch_size} holds no sample; set data.batch_size / data.eval_batch_size "
+                        "(eval.py: data.batch_size) to 1 or more.")
     if cache_gb > 0:
         preprocess = MemoryCache(preprocess, cache_gb)
     dataset = SampleStream(spec, preprocess, batch_size, shuffle, seed, resampled, bucket_batches, pack_length,
