@@ -10,8 +10,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from gemma_fusion.config import CONFIG_DIR, check_cli_overrides
-from gemma_fusion.errors import exit_on_user_error
+from gemma_fusion.core.config import CONFIG_DIR, check_cli_overrides
+from gemma_fusion.core.errors import exit_on_user_error
 
 
 def run(cfg: DictConfig) -> dict:
@@ -19,10 +19,10 @@ def run(cfg: DictConfig) -> dict:
     import json
     from pathlib import Path
 
-    from gemma_fusion.errors import UserError
+    from gemma_fusion.core.errors import UserError
     from gemma_fusion.eval.compare import compare_runs, print_comparison
     from gemma_fusion.eval.evaluate import evaluate_into
-    from gemma_fusion.training.restore import load_for_inference
+    from gemma_fusion.artifacts.load import load_for_inference
 
     run_dirs = [Path(cfg.run), *map(Path, cfg.compare or [])]
     results, val_sets = [], set()

@@ -13,9 +13,9 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from gemma_fusion.config import (CONFIG_DIR, check_cli_overrides, check_targets, check_values, checked_instantiate,
+from gemma_fusion.core.config import (CONFIG_DIR, check_cli_overrides, check_targets, check_values, checked_instantiate,
                                  save_yaml, to_plain)
-from gemma_fusion.errors import UserError, exit_on_user_error
+from gemma_fusion.core.errors import UserError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +122,15 @@ def train(cfg: DictConfig, run_dir: Path):
         trainer.strategy.barrier()
         if rank_zero_only.rank != 0:
             return model
-        from gemma_fusion.training.restore import load_run
+        from gemma_fusion.artifacts.load import load_run
 
         model = load_run(run_dir)[0].to(trainer.strategy.root_device)
     if cfg.lora.get("r") and rank_zero_only.rank == 0:  # the adapters again, in peft's own format
-        from gemma_fusion.training.adapters import save_peft_adapter
+        from gemma_fusion.models.lora import save_peft_adapter
 
         save_peft_adapter(model, run_dir / "final" / "adapter", cfg.backbone.path, lora_config=cfg.lora)
     if cfg.lora.get("merge"):  # fold the adapters into the backbone: same logits, no adapter cost in evaluation
-        from gemma_fusion.training.adapters import merge_lora
+        from gemma_fusion.models.lora import merge_lora
 
         merge_lora(model)
     return model

@@ -9,7 +9,8 @@ def fusion_model(full, lora: bool = True):
     projectors (in float32), LoRA r16 (alpha 32) on every decoder linear layer, trainability set as train.py does."""
     from gemma_fusion.models.backbone import gemma4_spec, split_full_model
     from gemma_fusion.models.fusion import FusionModel
-    from gemma_fusion.training.trainable import add_lora, set_trainable
+    from gemma_fusion.models.lora import add_lora
+    from gemma_fusion.models.trainable import set_trainable
 
     model = FusionModel.from_loaded(split_full_model(full, gemma4_spec(full.config)))
     for projector in (model.vision, model.audio):

@@ -3,7 +3,7 @@
     python bench/gpu_bench.py [--out DIR]      # CUDA: the 12B slice
     python bench/gpu_bench.py --cpu-smoke      # the same code path, shrunk for the CPU (< 60 s)
 
-The slice: the `gemma4_12b` preset (`gemma_fusion.models.presets`) at full width (hidden 3840, FFN 15,360, 16 query
+The slice: the `gemma4_12b` preset (`gemma_fusion.inference.presets`) at full width (hidden 3840, FFN 15,360, 16 query
 heads, 8 KV heads of 256 on sliding layers, window 1024, global layers with head_dim 512 and K = V, vocabulary
 262,144) cut to 6 decoder layers, 5 sliding : 1 global as in the full model; random weights, seeded, bf16.
 
@@ -67,7 +67,7 @@ def slice_12b_config(layers: int):
     """The gemma4_12b preset cut to `layers` decoder layers (every 6th global, the last global)."""
     from transformers import Gemma4UnifiedConfig
 
-    from gemma_fusion.models.presets import GEMMA4_12B_AUDIO, GEMMA4_12B_TEXT, GEMMA4_12B_VISION, gemma4_12b_config
+    from gemma_fusion.inference.presets import GEMMA4_12B_AUDIO, GEMMA4_12B_TEXT, GEMMA4_12B_VISION, gemma4_12b_config
 
     # Built from the preset's own dicts: the per-layer geometry (global head_dim, K = V) is derived from layer_types
     # when the config is created, so a finished 48-layer config cannot simply be shortened.
@@ -101,7 +101,7 @@ def build_model(config, device: torch.device, lora: bool):
 
 def train_batch(model, sizes: Sizes, vocab: int, device: torch.device) -> dict:
     """bos, boi, image, eoi, text to `sizes.seq` tokens; the last 16 are targets. Types set by position, not by id."""
-    from gemma_fusion.models.fusion import IMAGE
+    from gemma_fusion.core.batch import IMAGE
 
     g = torch.Generator().manual_seed(0)
     t, n = model.tokens, sizes.image_tokens

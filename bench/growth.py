@@ -67,7 +67,7 @@ def make_batch(model, sweep: str, size: int, seed: int = 0) -> dict:
     """One row of the sweep at `size` (image tokens, audio seconds or text tokens); the last 16 tokens are targets."""
     import torch
 
-    from gemma_fusion.models.fusion import AUDIO, IMAGE
+    from gemma_fusion.core.batch import AUDIO, IMAGE
 
     g = torch.Generator().manual_seed(seed)
     t = model.tokens

@@ -53,7 +53,7 @@ def measure(name: str, path: Path, steps: int) -> dict:
     from gemma_fusion.data.pipeline import make_loader, run_preprocessor
     from gemma_fusion.eval.evaluate import evaluate, prompt_only
     from gemma_fusion.models.quant import tensor_bytes
-    from gemma_fusion.training.restore import load_for_inference
+    from gemma_fusion.artifacts.load import load_for_inference
 
     model, cfg = load_for_inference(path)
     data = cfg.data

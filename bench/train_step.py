@@ -10,7 +10,7 @@ image + 64 text tokens of which the last 16 are targets, float32 on CPU, the vis
 and its peak resident memory (`ru_maxrss`, the whole process):
 
 - ours: `FusionModel` (gemma_fusion's LM head and loss on the 16 x 4 target positions only), LoRA injected
-  by `gemma_fusion.training.trainable.add_lora`;
+  by `gemma_fusion.models.trainable.add_lora`;
 - theirs: `Gemma4UnifiedForConditionalGeneration(**batch, labels=...)` with `peft.get_peft_model` on the same
   modules — what a user would otherwise write (full-sequence logits, transformers' loss);
 - limit: the best step a user could hand-write on transformers' model for the same work: hidden states from
@@ -41,7 +41,7 @@ def build(seed: int = 0, vocab: int = VOCAB, hidden: int = HIDDEN, layers: int =
     import torch
     from transformers import Gemma4UnifiedForConditionalGeneration
 
-    from gemma_fusion.models.fusion import IMAGE
+    from gemma_fusion.core.batch import IMAGE
     from gemma_fusion.models.tiny import tiny_gemma4_config
 
     torch.manual_seed(seed)

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gemma_fusion.errors import UserError
-from gemma_fusion.training.restore import load_for_inference
+from gemma_fusion.core.errors import UserError
+from gemma_fusion.artifacts.load import load_for_inference
 
 if TYPE_CHECKING:
     from gemma_fusion.inference.prompts import Request

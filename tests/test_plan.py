@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import DynamicCache, Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
 
-from gemma_fusion.config import PROJECT_ROOT
+from gemma_fusion.core.config import PROJECT_ROOT
 from gemma_fusion.models.fusion import FusionModel
-from gemma_fusion.models.presets import gemma4_12b_config
+from gemma_fusion.inference.presets import gemma4_12b_config
 from gemma_fusion.models.quant import quantize_frozen, tensor_bytes
 from gemma_fusion.models.tiny import tiny_gemma4_config
 from gemma_fusion.models.tokenizer import build_byte_tokenizer

@@ -20,7 +20,7 @@ import torchaudio
 import torchaudio.functional as AF
 from einops import rearrange
 
-from gemma_fusion.errors import BadSample, UserError
+from gemma_fusion.core.errors import BadSample, UserError
 
 AudioSource = bytes | bytearray | memoryview | str | os.PathLike | tuple[np.ndarray | torch.Tensor, int]
 

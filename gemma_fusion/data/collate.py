@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from gemma_fusion.models.fusion import IGNORE_INDEX
+from gemma_fusion.core.batch import IGNORE_INDEX
 
 
 META_KEYS = ("key", "task", "prompt", "target", "url", "index")

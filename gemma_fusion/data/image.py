@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from gemma_fusion.errors import BadSample, UserError
+from gemma_fusion.core.errors import BadSample, UserError
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike | Image.Image
 

@@ -21,7 +21,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from gemma_fusion.errors import UserError, exit_on_user_error
+from gemma_fusion.core.errors import UserError, exit_on_user_error
 
 KINDS = {"text": 0, "image": 1, "audio": 3}  # mm_token_type_ids values (FusionModel's TEXT / IMAGE / AUDIO)
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     def run() -> dict:
         from hydra import compose, initialize_config_dir
 
-        from gemma_fusion.config import CONFIG_DIR, check_cli_overrides
+        from gemma_fusion.core.config import CONFIG_DIR, check_cli_overrides
 
         check_cli_overrides("train", args.overrides)
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -26,7 +26,7 @@ from gemma_fusion.data.sequence import build_sequence
 from gemma_fusion.data.sources import ShardStream, mix, mixture_components, resolve_shards, warn_if_too_few_shards
 from gemma_fusion.data.sources import worker_info
 from gemma_fusion.data.state import DataStats, StreamState, check_bad_fraction
-from gemma_fusion.errors import BadSample, UserError
+from gemma_fusion.core.errors import BadSample, UserError
 
 __all__ = ["IMAGE_EXTS", "AUDIO_EXTS", "SamplePreprocessor", "MemoryCache", "make_loader", "preprocessor_for",
            "run_preprocessor", "resolve_shards"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gemma_fusion.models.backbone import SpecialTokens
-from gemma_fusion.models.fusion import AUDIO, IGNORE_INDEX, IMAGE, TEXT
+from gemma_fusion.core.batch import SpecialTokens
+from gemma_fusion.core.batch import AUDIO, IGNORE_INDEX, IMAGE, TEXT
 
 
 @dataclass

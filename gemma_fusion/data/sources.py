@@ -21,7 +21,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from gemma_fusion.errors import BadSample, UserError
+from gemma_fusion.core.errors import BadSample, UserError
 
 log = logging.getLogger(__name__)
 

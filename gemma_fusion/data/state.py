@@ -16,7 +16,7 @@ import logging
 import tarfile
 from collections import Counter
 
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from gemma_fusion.data.audio import load_audio
 from gemma_fusion.data.image import load_image
 from gemma_fusion.data.pipeline import AUDIO_EXTS, IMAGE_EXTS
-from gemma_fusion.errors import BadSample, UserError
+from gemma_fusion.core.errors import BadSample, UserError
 
 # Rejection tags, in the order the checks run: a row is rejected with the first that fails.
 REASONS = (

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 
 BOOTSTRAP_SAMPLES = 2000
 IGNORED_OVERRIDES = ("hydra.", "data.train=", "data.val=", "data.eval=")

@@ -11,7 +11,8 @@ from tqdm import tqdm
 
 from gemma_fusion.eval.metrics import score
 from gemma_fusion.inference.generate import greedy_generate
-from gemma_fusion.models.fusion import IGNORE_INDEX, FusionModel
+from gemma_fusion.core.batch import IGNORE_INDEX
+from gemma_fusion.models.fusion import FusionModel
 
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_position_ids", "input_features",
               "input_features_mask", "labels", "mm_token_type_ids")

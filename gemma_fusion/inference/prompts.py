@@ -9,9 +9,10 @@ from typing import TextIO
 
 import torch
 
+from gemma_fusion.core.batch import model_inputs
 from gemma_fusion.data.collate import collate
 from gemma_fusion.data.pipeline import AUDIO_EXTS, IMAGE_EXTS, SamplePreprocessor, run_preprocessor
-from gemma_fusion.errors import BadSample, UserError
+from gemma_fusion.core.errors import BadSample, UserError
 from gemma_fusion.inference.generate import stream_generate
 from gemma_fusion.models.fusion import FusionModel
 
@@ -51,8 +52,7 @@ def build_batch(model: FusionModel, preprocess: SamplePreprocessor, requests: li
             name = "the prompt" if req.id is None else f"prompt {req.id}"
             raise UserError(f"{name} ({files or 'text only'}): {err}") from err
     batch = collate(samples, model.tokens.pad)
-    batch.pop("meta")
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: v.to(device) for k, v in model_inputs(batch).items()}
 
 
 class TextStream:

@@ -17,24 +17,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import create_masks_for_generate, packed_sequence_mask_function
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.batch import SpecialTokens
+from gemma_fusion.core.errors import UserError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class SpecialTokens:
-    """Token ids the sequence builder needs. Markers are lists (one id for Gemma 4, several for text markers)."""
-
-    bos: int | None
-    eos: int
-    pad: int
-    image_start: list[int]
-    image_end: list[int]
-    image_token: int
-    audio_start: list[int]
-    audio_end: list[int]
-    audio_token: int
 
 
 @dataclass
@@ -240,7 +226,6 @@ def gemma4_spec(config, tokenizer=None) -> BackboneSpec:
     )
     return BackboneSpec(config, "gemma4_unified", tokenizer, tokens, spec,
                         text_config.use_bidirectional_attention == "vision")
-    return BackboneSpec(config, model_type, tokenizer, tokens, spec, bidirectional)
 
 
 def full_model_class(model_type: str):

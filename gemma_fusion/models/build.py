@@ -6,12 +6,13 @@ import logging
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from gemma_fusion.config import checked_instantiate
+from gemma_fusion.core.config import checked_instantiate
 from gemma_fusion.models.backbone import load_backbone, remote_code_options
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.fusion import FusionModel
 from gemma_fusion.models.quant import quantize_frozen
-from gemma_fusion.training.trainable import add_lora, set_trainable
+from gemma_fusion.models.lora import add_lora
+from gemma_fusion.models.trainable import set_trainable
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def init_from_run(model: FusionModel, run_dir) -> dict[str, int]:
 
     from safetensors.torch import load_file
 
-    from gemma_fusion.training.trainable import part_of
+    from gemma_fusion.models.trainable import part_of
 
     path = Path(run_dir).expanduser() / "final" / "trainable.safetensors"
     if not path.is_file():

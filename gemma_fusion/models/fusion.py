@@ -16,13 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma_fusion.errors import UserError
-from gemma_fusion.models.backbone import Backbone, SpecialTokens, load_backbone
+from gemma_fusion.core.batch import AUDIO, IGNORE_INDEX, IMAGE, LOADER_KEYS, PROCESSOR_KEYS, SpecialTokens
+from gemma_fusion.core.errors import UserError
+from gemma_fusion.models.backbone import Backbone, load_backbone
 from gemma_fusion.models.projectors import AudioFrameProjector, PatchEmbedder
 
-IGNORE_INDEX = -100
-IGNORED_BATCH_KEYS = {"token_type_ids", "num_soft_tokens_per_image", "meta", "stats", "position"}
-TEXT, IMAGE, AUDIO = 0, 1, 3  # transformers' mm_token_type_ids values
+IGNORED_BATCH_KEYS = {*LOADER_KEYS, *PROCESSOR_KEYS}
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 
 log = logging.getLogger(__name__)
 QUANT_CHOICES = ("none", "int8", "int4")

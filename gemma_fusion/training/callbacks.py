@@ -14,10 +14,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
-from gemma_fusion.config import to_plain
+from gemma_fusion.core.config import to_plain
 from gemma_fusion.data.state import StatsTotals, StreamState, check_bad_fraction
-from gemma_fusion.files import replaced_atomically
-from gemma_fusion.training.trainable import trainable_names, trainable_state_dict
+from gemma_fusion.core.files import replaced_atomically
+from gemma_fusion.models.trainable import trainable_names, trainable_state_dict
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:

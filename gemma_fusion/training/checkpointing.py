@@ -25,8 +25,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
-from gemma_fusion.errors import UserError
-from gemma_fusion.files import replaced_atomically
+from gemma_fusion.core.errors import UserError
+from gemma_fusion.core.files import replaced_atomically
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.flops import backbone_forward_flops, count_forward_flops
-from gemma_fusion.models.fusion import AUDIO, IGNORE_INDEX, IMAGE, pixels_to_unit
+from gemma_fusion.core.batch import AUDIO, IGNORE_INDEX, IMAGE
+from gemma_fusion.models.fusion import pixels_to_unit
 from gemma_fusion.models.quant import QuantizedLinear
-from gemma_fusion.training.trainable import PARTS, clean_name, part_of
+from gemma_fusion.models.trainable import PARTS, clean_name, part_of
 
 log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from gemma_fusion.errors import UserError
-from gemma_fusion.files import staged_directory
-from gemma_fusion.models.fusion import IGNORE_INDEX
+from gemma_fusion.core.batch import model_inputs
+from gemma_fusion.core.errors import UserError
+from gemma_fusion.core.files import staged_directory
+from gemma_fusion.core.batch import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "gemma_fusion.teacher_topk/1"
@@ -40,7 +41,7 @@ SAMPLES_PER_FILE = 4096
 
 def load_teacher(path: str | Path):
     """A run directory or an export directory -> (frozen FusionModel in eval mode, its config)."""
-    from gemma_fusion.training.restore import load_for_inference
+    from gemma_fusion.artifacts.load import load_for_inference
 
     model, cfg = load_for_inference(path)
     model.requires_grad_(False)
@@ -76,7 +77,7 @@ class Distiller:
             raise UserError(f"distill.alpha={alpha} must be between 0 (cross-entropy only) and 1 (KL only).")
         if temperature <= 0:
             raise UserError(f"distill.temperature={temperature} must be > 0.")
-        from gemma_fusion.training.restore import model_dir_kind
+        from gemma_fusion.artifacts.load import model_dir_kind
 
         if model_dir_kind(teacher_path) is None:
             raise UserError(f"distill.teacher={teacher_path} is neither a train.py run (config.yaml + final/) nor an "
@@ -113,7 +114,7 @@ class Distiller:
             logprobs = torch.cat([r[1] for r in rows]).to(device)
             return logprobs, torch.cat([r[0] for r in rows]).to(device)
         with torch.no_grad():
-            out = self.teacher(**{k: v for k, v in batch.items() if k != "meta"})
+            out = self.teacher(**model_inputs(batch))
         if out.logits.shape[0] != sum(counts):
             raise UserError("distill: the teacher reads this batch's targets as a different number of tokens (another "
                             "tokenizer?); distil between models that share the backbone's tokenizer.")
@@ -153,7 +154,7 @@ def write_cache(teacher_path: str, train_spec, cache_dir: Path, top_k: int, batc
 
         for batch in tqdm(loader, desc="teacher top-k cache", unit="batch"):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            out = teacher(**{k: v for k, v in batch.items() if k != "meta"})
+            out = teacher(**model_inputs(batch))
             values, indices = out.logits.float().topk(top_k, dim=-1)
             logprobs = F.log_softmax(values, dim=-1)
             start = 0

@@ -12,7 +12,7 @@ from hydra.utils import get_class
 from torch import nn
 from torch.distributed.fsdp.wrap import CustomPolicy
 
-from gemma_fusion.config import check_target
+from gemma_fusion.core.config import check_target
 
 
 def trains_alone(module: nn.Module) -> bool:

@@ -7,12 +7,13 @@ import warnings
 import lightning as L
 import torch
 
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.batch import model_inputs
+from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.fusion import FusionModel
 from gemma_fusion.training.checkpointing import rng_state, set_rng_state
 from gemma_fusion.training.optim import build_optimizer
 from gemma_fusion.training.throughput import StepFlops, device_peak_tflops, peak_memory_bytes
-from gemma_fusion.training.trainable import trainable_names
+from gemma_fusion.models.trainable import trainable_names
 
 
 # The frozen backbone is in eval mode on purpose (dropout off); Lightning warns about it at every fit.
@@ -46,7 +47,7 @@ class FusionLitModule(L.LightningModule):
         self.log("train/nonfinite_skips", float(self.nonfinite_skips), on_step=True)
 
     def forward(self, batch: dict):
-        return self.net(**{k: v for k, v in batch.items() if k != "meta"})
+        return self.net(**model_inputs(batch))
 
     def training_step(self, batch: dict, batch_idx: int):
         out = self(batch)

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from gemma_fusion.training.trainable import part_of
+from gemma_fusion.models.trainable import part_of
 
 
 def param_groups(model: nn.Module, lr: dict[str, float], weight_decay: float) -> list[dict]:

@@ -25,7 +25,8 @@ from transformers import Gemma4UnifiedForConditionalGeneration
 from gemma_fusion.data.demo_text import text_example
 from gemma_fusion.data.sequence import encode_text
 from gemma_fusion.models.backbone import Backbone
-from gemma_fusion.models.fusion import IGNORE_INDEX, block_ids_from
+from gemma_fusion.core.batch import IGNORE_INDEX
+from gemma_fusion.models.fusion import block_ids_from
 from gemma_fusion.models.tiny import tiny_gemma4_config
 from gemma_fusion.models.tokenizer import build_byte_tokenizer, special_id
 
@@ -74,7 +75,8 @@ def make_batch(tokenizer, tasks: list[str], rng: np.random.Generator, batch_size
         after = [False] * (len(ids) - len(head) - len(slot_ids) + len(tgt))
         blocks.append([False] * len(head) + [kind == "image" or bidirectional_audio] * len(slot_ids) + after)
     width = max(map(len, rows))
-    pad = lambda seqs, v: torch.tensor([s + [v] * (width - len(s)) for s in seqs])
+    def pad(seqs, v):
+        return torch.tensor([s + [v] * (width - len(s)) for s in seqs])
     return dict(input_ids=pad(rows, special_id("<pad>")), labels=pad(labels, IGNORE_INDEX), blocks=pad(blocks, False),
                 tasks=names)
 
@@ -108,7 +110,8 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig = PretrainConfig()) -> dic
     steps = sum(p["steps"] for p in cfg.phases)
     task_at = [p["tasks"] for p in cfg.phases for _ in range(p["steps"])]
     all_tasks = sorted({t for p in cfg.phases for t in p["tasks"]})
-    schedule = lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    def schedule(s):
+        return min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * s / steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="pretraining tiny backbone on text", unit="step")

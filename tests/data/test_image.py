@@ -19,7 +19,7 @@ from transformers.models.gemma4_unified.image_processing_gemma4_unified import (
 )
 
 from gemma_fusion.data.image import ImagePreprocessor, load_image, load_image_draft, patchify, target_size
-from gemma_fusion.errors import BadSample
+from gemma_fusion.core.errors import BadSample
 from gemma_fusion.models.fusion import pixels_to_unit
 from tests.data.awkward_media import _bomb_png
 

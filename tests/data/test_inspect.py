@@ -92,9 +92,9 @@ def test_every_kind_of_bad_sample_is_skipped_and_counted(tiny_gemma4_dir, tmp_pa
 
 def test_special_token_text_in_a_prompt_creates_no_media_slots(tiny_gemma4_dir):
     from gemma_fusion.data.inspect import preprocessor_from_config
-    from gemma_fusion.models.fusion import IMAGE
+    from gemma_fusion.core.batch import IMAGE
     from hydra import compose, initialize_config_dir
-    from gemma_fusion.config import CONFIG_DIR
+    from gemma_fusion.core.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=_overrides(tiny_gemma4_dir))
@@ -114,7 +114,7 @@ def test_a_spec_that_matches_nothing_names_what_exists(tiny_gemma4_dir, tmp_path
 def test_the_loader_is_deterministic_for_a_seed_with_workers(awkward_shards, tiny_gemma4_dir):
     from hydra import compose, initialize_config_dir
 
-    from gemma_fusion.config import CONFIG_DIR
+    from gemma_fusion.core.config import CONFIG_DIR
     from gemma_fusion.data.inspect import preprocessor_from_config
     from gemma_fusion.data.pipeline import make_loader
 

@@ -69,7 +69,7 @@ def test_token_budget_batches():
 
 def test_a_batch_size_below_one_is_refused_instead_of_waiting_forever():
     from gemma_fusion.data.pipeline import make_loader
-    from gemma_fusion.errors import UserError
+    from gemma_fusion.core.errors import UserError
 
     with pytest.raises(UserError, match="A batch size of 0 holds no sample"):
         make_loader("unused", None, 0)
@@ -77,7 +77,7 @@ def test_a_batch_size_below_one_is_refused_instead_of_waiting_forever():
 
 def test_samples_of_a_modality_the_model_lacks_are_not_bad_data():
     from gemma_fusion.data.state import StatsTotals, check_bad_fraction
-    from gemma_fusion.errors import UserError
+    from gemma_fusion.core.errors import UserError
 
     totals = StatsTotals()
     totals.update({"source": "w0", "ok": 60, "skipped": {"no_audio": 30, "image_undecodable": 10}})

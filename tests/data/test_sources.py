@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gemma_fusion.data.sources import ShardStream, mix, mixture_components, resolve_shards, warn_if_too_few_shards
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 
 
 def _shards(root: Path, name: str, n_shards: int, per_shard: int) -> list[str]:
@@ -102,7 +102,7 @@ def test_fewer_shards_than_readers_warns(tmp_path, caplog):
 def test_a_mixture_written_on_the_command_line():
     from hydra import compose, initialize_config_dir
 
-    from gemma_fusion.config import CONFIG_DIR, to_plain
+    from gemma_fusion.core.config import CONFIG_DIR, to_plain
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["data.train=[{spec: ocr/, weight: 3}, {spec: asr/, weight: 1}]"])

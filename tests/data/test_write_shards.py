@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from gemma_fusion.data.write_shards import REASONS, main, write_shards
-from gemma_fusion.errors import BadSample
+from gemma_fusion.core.errors import BadSample
 from tests.data.awkward_media import make_awkward_corpus
 
 REPO = Path(__file__).resolve().parents[2]

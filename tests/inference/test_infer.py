@@ -15,7 +15,7 @@ import soundfile as sf
 from PIL import Image
 
 import train as train_entry
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 from gemma_fusion.infer import load_for_inference, parse_args, read_requests
 from gemma_fusion.inference.prompts import Request, TextStream, answer, build_batch, prompt_preprocessor
 from tests.training.conftest import compose_train
@@ -142,8 +142,8 @@ def test_an_int8_export_generates_what_the_merged_quantised_run_generates(run_di
     """`infer run=OUT` on a real export: the same tokens as the run's model merged and quantised in process."""
     from gemma_fusion.export import export_run
     from gemma_fusion.models.quant import QuantizedLinear, quantize_frozen
-    from gemma_fusion.training.adapters import merge_lora
-    from gemma_fusion.training.restore import load_run
+    from gemma_fusion.models.lora import merge_lora
+    from gemma_fusion.artifacts.load import load_run
 
     out = export_run(run_dir, tmp_path / "int8", "int8")
     exported, cfg = load_for_inference(out)

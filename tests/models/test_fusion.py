@@ -12,7 +12,8 @@ from gemma_fusion.inference.generate import greedy_generate
 from gemma_fusion.models.backbone import load_backbone
 from gemma_fusion.models.projectors import AudioFrameProjector, PatchEmbedder
 from gemma_fusion.models.tokenizer import build_byte_tokenizer
-from gemma_fusion.training.trainable import add_lora, set_trainable
+from gemma_fusion.models.lora import add_lora
+from gemma_fusion.models.trainable import set_trainable
 
 
 def _samples(model: FusionModel, n: int = 4, seed: int = 0, targets=True):
@@ -79,7 +80,7 @@ def test_greedy_generation_agrees_with_teacher_forced_argmax(tiny_gemma4_dir):
 
 def test_special_token_text_in_a_prompt_stays_text():
     tok = build_byte_tokenizer()
-    from gemma_fusion.models.backbone import SpecialTokens
+    from gemma_fusion.core.batch import SpecialTokens
 
     tokens = SpecialTokens(2, 1, 0, [3], [4], 5, [6], [7], 8)
     seq = build_sequence(tok, tokens, "<boi><image>", "ok")

@@ -5,7 +5,7 @@ import torch
 from transformers import Gemma4UnifiedForConditionalGeneration
 
 from gemma_fusion import FusionModel
-from gemma_fusion.models.fusion import AUDIO, IMAGE
+from gemma_fusion.core.batch import AUDIO, IMAGE
 
 
 def _batch(model: FusionModel, seed: int = 0):
@@ -22,7 +22,8 @@ def _batch(model: FusionModel, seed: int = 0):
         pos[i, : len(grid)] = torch.tensor(grid)
     audio = torch.randn(1, 7, frame, generator=g) * 0.1
     audio_mask = torch.tensor([[True] * 5 + [False] * 2])
-    text = lambda n: torch.randint(20, 200, (n,), generator=g).tolist()
+    def text(n):
+        return torch.randint(20, 200, (n,), generator=g).tolist()
     s0 = [t.bos, *t.image_start, *[t.image_token] * 6, *t.image_end, *t.image_start, *[t.image_token] * 4,
           *t.image_end, *text(9)]
     s1 = [t.bos, *t.image_start, *[t.image_token] * 4, *t.image_end, *t.audio_start, *[t.audio_token] * 5,

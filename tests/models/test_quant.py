@@ -8,8 +8,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from gemma_fusion.config import CONFIG_DIR
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.config import CONFIG_DIR
+from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.build import build_model
 from gemma_fusion.models.quant import QuantizedLinear, frozen_linears, pack_int4, tensor_bytes, unpack_int4
 

@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 from tests.conftest import save_tiny_siglip
 
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.projectors.posemb import SinCosPosemb, TablePosemb, make_posemb
 from gemma_fusion.models.projectors.vision_designs import (ConvStemProjector, HFVisionProjector, LinearPatchProjector,
                                                            MLPPatchProjector, PixelShuffleProjector, ViTProjector,

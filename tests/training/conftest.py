@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-from gemma_fusion.config import CONFIG_DIR
+from gemma_fusion.core.config import CONFIG_DIR
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import train as train_script
 from gemma_fusion.training import callbacks as callbacks_module
-from gemma_fusion.training.trainable import trainable_state_dict
+from gemma_fusion.models.trainable import trainable_state_dict
 
 BUILD_CALLBACKS = callbacks_module.build_callbacks
 

@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, Gemma4UnifiedForConditionalGenera
 
 from gemma_fusion import FusionModel
 from gemma_fusion.models.tokenizer import build_byte_tokenizer
-from gemma_fusion.training.adapters import merge_lora, save_peft_adapter
-from gemma_fusion.training.trainable import add_lora, set_trainable
+from gemma_fusion.models.lora import merge_lora, save_peft_adapter
+from gemma_fusion.models.lora import add_lora
+from gemma_fusion.models.trainable import set_trainable
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train as train_entry
-from gemma_fusion.config import CONFIG_DIR
+from gemma_fusion.core.config import CONFIG_DIR
 from gemma_fusion.models.build import build_model
 from tests.models.test_audio_designs import tiny_whisper
 

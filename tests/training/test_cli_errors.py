@@ -68,7 +68,7 @@ def test_hydra_full_error_shows_the_traceback(tiny_args):
 def test_a_value_out_of_range_stops_at_start_up(override, rule, make_cfg, tmp_path):
     import train as train_script
 
-    from gemma_fusion.errors import UserError
+    from gemma_fusion.core.errors import UserError
 
     key, value = override.split("=")
     with pytest.raises(UserError, match=f"^{key}={value} is out of range: it must be {rule}".replace("(", r"\(")
@@ -80,7 +80,7 @@ def test_a_value_out_of_range_stops_at_start_up(override, rule, make_cfg, tmp_pa
 def test_every_shipped_preset_passes_the_range_checks():
     from hydra import compose, initialize_config_dir
 
-    from gemma_fusion.config import CONFIG_DIR, check_values
+    from gemma_fusion.core.config import CONFIG_DIR, check_values
 
     presets = [p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -96,7 +96,7 @@ def test_every_shipped_preset_passes_the_range_checks():
 def test_a_setting_a_library_rejects_is_one_sentence_naming_the_key(override, sentence, make_cfg, tmp_path):
     import train as train_script
 
-    from gemma_fusion.errors import UserError
+    from gemma_fusion.core.errors import UserError
 
     with pytest.raises(UserError, match=sentence):
         train_script.train(make_cfg(override), tmp_path / "run")
@@ -106,7 +106,7 @@ def test_data_where_nothing_passes_stops_before_any_batch(make_cfg, tmp_path):
     """Every sample too long: without the loader's own check no batch would ever form and the run would hang."""
     import train as train_script
 
-    from gemma_fusion.errors import UserError
+    from gemma_fusion.core.errors import UserError
 
     with pytest.raises(UserError, match=r"^20 of 20 samples so far were bad \(too_long: 20\)"):
         train_script.train(make_cfg("data.max_length=3", "data.bad_check_after=20", "data.resampled=true"),

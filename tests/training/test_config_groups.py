@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 import train as train_entry
-from gemma_fusion.config import CONFIG_DIR
+from gemma_fusion.core.config import CONFIG_DIR
 
 GROUPS = ("backbone", "lora", "data", "optim", "logger", "checkpoint", "distill", "experiment", "trainer")
 NEEDS_GPU = {("trainer", "gpu"), ("trainer", "fsdp"), ("trainer", "ddp")}

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import train as train_entry
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 from gemma_fusion.training.distill import kd_loss
 from tests.training.conftest import compose_train
 

@@ -13,7 +13,7 @@ import soundfile as sf
 import eval as eval_entry
 import train as train_entry
 from gemma_fusion.data.write_shards import write_shards
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 from gemma_fusion.eval.compare import paired_bootstrap
 from tests.training.conftest import compose_train
 
@@ -90,7 +90,7 @@ def test_compare_without_common_data_is_one_sentence(tiny_gemma4_dir, tiny_demo_
                                         "trainer.max_steps=1"), tmp_path / name)
     from hydra import compose, initialize_config_dir
 
-    from gemma_fusion.config import CONFIG_DIR
+    from gemma_fusion.core.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=[f"run={tmp_path / 'a'}", f"compare=[{tmp_path / 'b'}]"])

@@ -14,11 +14,11 @@ from transformers import Gemma4UnifiedForConditionalGeneration
 
 import train as train_entry
 from gemma_fusion import FusionModel
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 from gemma_fusion.export import export_run, load_export
 from gemma_fusion.models.quant import QuantizedLinear, quantize_frozen, tensor_bytes
-from gemma_fusion.training.adapters import merge_lora
-from gemma_fusion.training.restore import load_run
+from gemma_fusion.models.lora import merge_lora
+from gemma_fusion.artifacts.load import load_run
 from tests.models.test_parity import _batch
 from tests.training.conftest import compose_train
 

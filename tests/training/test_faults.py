@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -69,7 +69,7 @@ def test_two_kills_and_resumes_see_every_sample_of_the_epoch_once(make_cfg, tiny
 
 def test_pipe_urls_need_opt_in(make_cfg, tmp_path):
     from gemma_fusion.data.sources import resolve_shards
-    from gemma_fusion.errors import UserError
+    from gemma_fusion.core.errors import UserError
 
     with pytest.raises(UserError, match="allow_pipe"):
         resolve_shards("pipe:cat /etc/passwd")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gemma_fusion.config import check_targets
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.config import check_targets
+from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.backbone import code_digest, is_remote_code, load_backbone
 from gemma_fusion.models.build import build_model
 from gemma_fusion.models.tokenizer import build_byte_tokenizer
@@ -54,7 +54,7 @@ def test_fsdp_layer_classes_are_checked_too():
 def test_the_project_configs_pass_the_allowlist():
     from hydra import compose, initialize_config_dir
 
-    from gemma_fusion.config import CONFIG_DIR
+    from gemma_fusion.core.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for overrides in (["trainer=fsdp"], ["model/vision=vit", "model/audio=mel_conformer"],
@@ -189,9 +189,9 @@ def test_pinned_remote_code_loads_through_the_config(remote_code_dir, make_cfg):
 
 def test_a_run_on_remote_code_needs_consent_again_when_it_is_loaded(remote_code_dir, make_cfg, tmp_path):
     """A run directory is often someone else's: its config.yaml alone cannot switch remote code on."""
-    from gemma_fusion.config import save_yaml
+    from gemma_fusion.core.config import save_yaml
     from gemma_fusion.training.callbacks import save_final
-    from gemma_fusion.training.restore import load_for_inference
+    from gemma_fusion.artifacts.load import load_for_inference
 
     path, marker = remote_code_dir
     cfg = make_cfg(f"backbone.path={path}", "+backbone.trust_remote_code=true",

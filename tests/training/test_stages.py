@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import train as train_script
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.build import build_model
 
 

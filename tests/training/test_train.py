@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import eval as eval_entry
 import train as train_entry
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.build import build_model
 
 
@@ -67,7 +67,7 @@ def test_train_then_eval_writes_the_run_directory(make_cfg, tmp_path):
 def eval_entry_cfg(run_dir):
     from hydra import compose, initialize_config_dir
 
-    from gemma_fusion.config import CONFIG_DIR
+    from gemma_fusion.core.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("eval", overrides=[f"run={run_dir}"])
@@ -117,7 +117,7 @@ def test_adapters_and_projectors_train_in_float32_on_a_bf16_backbone(make_cfg):
 
 
 def test_a_projector_module_marked_keep_frozen_stays_frozen(make_cfg):
-    from gemma_fusion.training.trainable import set_trainable
+    from gemma_fusion.models.trainable import set_trainable
 
     model = build_model(make_cfg())
     model.vision.patch_dense.keep_frozen = True

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from tests.conftest import save_tiny_siglip
 
 import train as train_entry
-from gemma_fusion.config import CONFIG_DIR
+from gemma_fusion.core.config import CONFIG_DIR
 from gemma_fusion.models.build import build_model
 
 VISION_CONFIGS = sorted(p.stem for p in (Path(CONFIG_DIR) / "model" / "vision").glob("*.yaml"))
@@ -65,7 +65,7 @@ def test_a_frozen_hf_tower_stays_frozen_in_the_fusion_model(make_cfg, siglip_dir
 
 
 def test_a_tower_without_its_path_is_one_sentence(make_cfg):
-    from gemma_fusion.errors import UserError
+    from gemma_fusion.core.errors import UserError
 
     with pytest.raises(UserError, match=r"model/vision: .*path must be set"):
         build_model(make_cfg("model/vision=hf_vision"))

@@ -15,7 +15,7 @@ import torchaudio
 from einops import rearrange
 from torch import nn
 
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.projectors.norms import MultimodalEmbedder
 
 SAMPLE_RATE = 16000

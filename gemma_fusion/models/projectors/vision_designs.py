@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import nn
 from transformers import AutoModel
 
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.projectors.posemb import make_posemb, valid_patches
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = str(PROJECT_ROOT / "configs")
 
 if not OmegaConf.has_resolver("project_root"):
@@ -140,6 +140,11 @@ def check_values(cfg: DictConfig) -> None:
         kinds = (int,) if kind is int else (int, float)
         if isinstance(value, bool) or not isinstance(value, kinds) or not test(value):
             raise UserError(f"{key}={value} is out of range: it must be {rule}.")
+
+
+class Buildable:
+    """Marker of the classes a config may build by `_target_`: the projector contracts
+    (gemma_fusion/models/projectors/base.py) inherit it, so any design implementing them qualifies."""
 
 
 CLASS_PACKAGES = ("lightning", "torch", "transformers", "peft")  # classes only: their functions load and run things

@@ -1,4 +1,5 @@
-"""LoRA adapters out of a FusionModel: saved in peft's own format, or merged into the frozen weights.
+"""LoRA adapters on the frozen backbone: injected (`add_lora`), saved in peft's own format, or merged into the
+frozen weights.
 
 `save_peft_adapter` writes what `PeftModel.save_pretrained` would have written for the backbone's full
 transformers model, so `PeftModel.from_pretrained(base, dir)` loads it. peft names each tensor by its
@@ -15,16 +16,34 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from peft import LoraConfig, get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
 
+from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.backbone import meta_model, module_paths
 from gemma_fusion.models.fusion import FusionModel
 
-ADAPTER = "default"  # the adapter name trainable.add_lora injects under
+ADAPTER = "default"  # the adapter name add_lora injects under
 GEMMA4_DECODER_PATH = "model.language_model"  # where load_backbone takes the decoder from
+
+
+def add_lora(decoder: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str],
+             use_dora: bool = False) -> None:
+    """Inject peft LoRA adapters into the backbone's decoder (in place), in float32 whatever the backbone's dtype:
+    peft creates them in the base layer's dtype, and bf16 adapters would lose small AdamW updates to rounding."""
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        use_dora=use_dora)
+    try:
+        inject_adapter_in_model(config, decoder)
+    except ValueError as err:  # peft's NoMatchingPeftModuleError among others
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in decoder.named_modules() if isinstance(m, nn.Linear)})
+        raise UserError(f"lora.target_modules={list(target_modules)} cannot be adapted ({err}); the backbone's "
+                        f"linear layers are named {', '.join(linear)}.") from err
+    for name, param in decoder.named_parameters():
+        if "lora_" in name and param.is_floating_point():
+            param.data = param.data.float()
 
 
 def decoder_path(model: FusionModel) -> str:

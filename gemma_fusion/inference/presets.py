@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from transformers import Gemma4UnifiedConfig
 
-from gemma_fusion.config import CONFIG_DIR
+from gemma_fusion.core.config import CONFIG_DIR
 from gemma_fusion.models.tiny import tiny_gemma4_config
 
 # docs: REFERENCE "Gemma 4 12B". Sliding layers: head_dim 256, 8 KV heads, window 1024, RoPE 1e4; every 6th

@@ -4,10 +4,8 @@ from __future__ import annotations
 import logging
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from gemma_fusion.errors import UserError
 
 log = logging.getLogger(__name__)
 PARTS = ("vision", "audio", "lora", "backbone")
@@ -24,23 +22,6 @@ def clean_name(name: str) -> str:
 
 def trainable_names(model: nn.Module) -> set[str]:
     return {clean_name(n) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def add_lora(decoder: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str],
-             use_dora: bool = False) -> None:
-    """Inject peft LoRA adapters into the backbone's decoder (in place), in float32 whatever the backbone's dtype:
-    peft creates them in the base layer's dtype, and bf16 adapters would lose small AdamW updates to rounding."""
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        use_dora=use_dora)
-    try:
-        inject_adapter_in_model(config, decoder)
-    except ValueError as err:  # peft's NoMatchingPeftModuleError among others
-        linear = sorted({name.rsplit(".", 1)[-1] for name, m in decoder.named_modules() if isinstance(m, nn.Linear)})
-        raise UserError(f"lora.target_modules={list(target_modules)} cannot be adapted ({err}); the backbone's "
-                        f"linear layers are named {', '.join(linear)}.") from err
-    for name, param in decoder.named_parameters():
-        if "lora_" in name and param.is_floating_point():
-            param.data = param.data.float()
 
 
 def part_of(name: str) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from gemma_fusion.errors import UserError
+from gemma_fusion.core.errors import UserError
 
 
 def load_run(run_dir: str | Path, for_export: bool = False, trust_remote_code: bool = False):
@@ -60,7 +60,7 @@ def load_for_inference(path: str | Path, trust_remote_code: bool = False):
     """A train.py run directory (config.yaml + final/) or an export (export.json) -> (FusionModel, its config)."""
     kind = model_dir_kind(path)
     if kind == "export":
-        from gemma_fusion.export import load_export
+        from gemma_fusion.artifacts.export import load_export
 
         return load_export(Path(path).expanduser(), trust_remote_code)
     if kind == "run":  # load_run says what is missing if training has not finished

@@ -1,0 +1,302 @@
+"""Memory planner: will a backbone fit on one GPU for inference, and how long a context can it hold?
+
+    python -m gemma_fusion.plan backbone=gemma4_12b quant=int4 gpu_gb=16 context=8192 image_tokens=280 \
+        audio_seconds=30 [quant_group_size=64] [prefill_chunk=0] [--json]
+
+`backbone` is a preset (`gemma4_12b`, `tiny`, `tiny_s`, `tiny_m`) or a checkpoint directory (its config.json).
+Batch 1, base dtype bf16. Sequence S = context + image_tokens + 2 markers (if any) + audio tokens
+(ceil(seconds x 16000 / samples per token), 25 per second for Gemma 4) + 2 markers (if any).
+
+Exact (checked byte for byte against a loaded model in tests/test_plan.py):
+- weights: the model is built on the `meta` device from the same config class a checkpoint loads into,
+  the decoder's Linear layers are quantised by the project's own `quantize_frozen` (int8: 1 byte per weight
+  + one bf16 scale per row; int4: half a byte + one scale per `quant_group_size` inputs, rows padded to
+  whole groups) and every parameter and buffer is counted (`tensor_bytes`): embeddings (the tied LM head
+  once), norms, the vision and audio embedders and RoPE tables stay as they are.
+- KV cache after S tokens (a prompt, then at least one decode step), per layer, transformers' DynamicCache:
+  2 (K and V) x kv_heads x positions x head_dim x 2 bytes, where positions = S on a global layer and
+  min(S, window) on a sliding layer (`DynamicSlidingWindowLayer` keeps the last window - 1 positions visible,
+  as a view into the concatenation of those with the newest token: window positions stay allocated).
+  Layers that reuse another layer's cache (`num_kv_shared_layers`) store nothing. A K = V global layer
+  (`attention_k_eq_v`) has no v_proj but caches K and V separately (V is K after its own norm, no RoPE).
+
+Estimates (stated assumptions, not measured here):
+- activations = one decoder layer's prefill at a chunk of C = min(S, prefill_chunk) tokens (default 0 = the
+  whole prompt in one pass, as gemma_fusion.inference.generate runs it; a chunked prefill, e.g. 2048, is what
+  a server such as vLLM does and lets far longer contexts fit)
+  (3 x C x hidden for the residual stream, q/k/v/attention output, 3 x C x ffn for the MLP, in bf16)
+  + boolean masks (C x S global, C x min(S, window - 1 + C) sliding) + the sliding layers' overhang after
+  a chunk (min(S, window - 1 + C) positions held instead of window) + one layer's KV copied by torch.cat
+  + logits of the last position (vocab x (2 + 4) bytes: bf16 then fp32 soft-cap).
+  Attention itself is assumed to run in a fused kernel (no C x S score matrix).
+- workspace = 1 GiB for the CUDA context, cuBLAS workspace and allocator slack
+  + (int8 / int4) the largest quantised Linear dequantised for its matmul (int8: 2 x n x 2 bytes;
+  int4: n x (1 + 2 x 2) bytes for n weights).
+- gpu_gb is taken as GiB (2**30 bytes): cards sold as "16 GB" have 16 GiB.
+max_context is the largest S whose total fits, at most max_position_embeddings.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from gemma_fusion.core.errors import UserError
+
+QUANTS = ("bf16", "int8", "int4")
+TYPES = dict(backbone=(str, "gemma4_12b"), quant=(str, "int4"), gpu_gb=(float, 16), context=(int, 8192),
+             image_tokens=(int, 280), audio_seconds=(float, 30), quant_group_size=(int, 64),
+             prefill_chunk=(int, 0))  # CLI: key=value
+POSITIVE = ("gpu_gb", "quant_group_size")
+DTYPE_BYTES = 2  # bf16 weights, activations and KV cache
+FIXED_WORKSPACE = 2**30  # CUDA context + cuBLAS workspace + allocator slack (assumption)
+PREFILL_CHUNK = 0  # tokens per prefill step; 0 = the whole prompt in one pass, as gemma_fusion.inference.generate does
+SAMPLE_RATE = 16_000
+GIB = 2**30
+
+
+def load_config(backbone: str):
+    """A preset's config, or the config.json of a checkpoint directory (read with AutoConfig)."""
+    from gemma_fusion.inference.presets import preset_config, preset_names
+
+    config = preset_config(backbone)
+    if config is not None:
+        return config
+    path = Path(backbone).expanduser()
+    if not (path / "config.json").is_file():
+        raise UserError(f"backbone={backbone} is neither a preset ({', '.join(preset_names())}) nor a checkpoint "
+                        "directory holding a config.json.")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as err:
+        raise UserError(f"backbone={backbone}: transformers cannot read its config.json ({err}).") from err
+
+
+def _meta_model(config):
+    """(whole model, decoder) on the meta device, in bf16: shapes and dtypes without memory."""
+    from gemma_fusion.models.backbone import meta_model
+
+    try:
+        model = meta_model(copy.deepcopy(config), torch.bfloat16)
+    except ValueError as err:
+        raise UserError(f"backbone has model_type '{config.model_type}', which is not a causal LM that "
+                        f"transformers can build ({err}).") from err
+    return model, model.get_decoder()
+
+
+@dataclass(frozen=True)
+class CacheLayer:
+    """What one decoder layer keeps in the KV cache: nothing (shares another layer's), a window, or everything."""
+
+    kind: str  # "global", "sliding" or "shared"
+    kv_heads: int
+    head_dim: int
+    window: int | None = None
+
+    def positions(self, tokens: int) -> int:
+        """Positions allocated after `tokens` tokens, the last of them a one-token decode step.
+
+        transformers' DynamicSlidingWindowLayer.update concatenates its window - 1 kept positions with the new
+        one and keeps `full[:, :, -window + 1:]`, a view: window - 1 positions are visible, the whole
+        concatenation of `window` positions stays allocated. DynamicLayer (global) holds all of them, and a
+        layer reusing another layer's K/V gets a DummyLayer that stores nothing.
+        """
+        if self.kind == "shared":
+            return 0
+        return min(tokens, self.window) if self.kind == "sliding" else tokens
+
+    @property
+    def bytes_per_position(self) -> int:
+        return 0 if self.kind == "shared" else 2 * self.kv_heads * self.head_dim * DTYPE_BYTES  # K and V
+
+    def nbytes(self, tokens: int) -> int:
+        return self.positions(tokens) * self.bytes_per_position
+
+
+def cache_layers(text_config) -> list[CacheLayer]:
+    """One CacheLayer per decoder layer, from the layer shapes the FLOP count uses (models/flops.py): a layer
+    without K/V projections reuses another's cache, one with a window keeps that many positions."""
+    from gemma_fusion.models.flops import decoder_layers
+
+    try:
+        shapes = decoder_layers(text_config)
+    except ValueError as err:  # a layer type that is neither sliding nor full attention
+        raise UserError(f"the memory planner cannot model this backbone's attention ({err}).") from err
+    return [CacheLayer("shared", s.kv_heads, s.head_dim) if s.kv_projections == 0
+            else CacheLayer("sliding", s.kv_heads, s.head_dim, s.window) if s.window
+            else CacheLayer("global", s.kv_heads, s.head_dim) for s in shapes]
+
+
+class MemoryPlanner:
+    """Weights (exact), KV cache (exact), activations and workspace (estimates) of one backbone and quantisation."""
+
+    def __init__(self, config, quant: str = "bf16", group_size: int = 64, prefill_chunk: int = PREFILL_CHUNK):
+        from gemma_fusion.models.quant import QuantizedLinear, quantize_frozen, tensor_bytes
+
+        if quant not in QUANTS:
+            raise UserError(f"quant={quant} is not supported; choose one of {', '.join(QUANTS)}.")
+        self.config, self.quant, self.prefill_chunk = config, quant, prefill_chunk
+        self.text = config.get_text_config()
+        model, decoder = _meta_model(config)
+        self.parameters = sum(p.numel() for p in model.parameters())
+        decoder.requires_grad_(False)  # as build_model leaves it: every decoder Linear is frozen
+        if quant != "bf16":
+            quantize_frozen(decoder, quant, group_size)
+        self.weights_bytes = tensor_bytes(model)
+        quantised = [m for m in decoder.modules() if isinstance(m, QuantizedLinear)]
+        self.dequant_bytes = max((m.out_features * m.qweight.shape[1] * (8 // m.bits) for m in quantised), default=0)
+        self.layers = cache_layers(self.text)
+        self.max_positions = getattr(self.text, "max_position_embeddings", None) or 2**20
+        self.audio_config = getattr(config, "audio_config", None)
+
+    def kv_cache_bytes(self, tokens: int) -> int:
+        return sum(layer.nbytes(tokens) for layer in self.layers)
+
+    def activation_bytes(self, tokens: int) -> int:
+        t = self.text
+        chunk = min(tokens, self.prefill_chunk or tokens)
+        ffn = t.intermediate_size * (2 if getattr(t, "use_double_wide_mlp", False) else 1)
+        attn = max(2 * t.num_attention_heads * c.head_dim + 2 * c.kv_heads * c.head_dim for c in self.layers)
+        layer = chunk * DTYPE_BYTES * (3 * t.hidden_size + attn + 3 * ffn)  # one layer's working tensors
+        kinds = {c.kind: c for c in self.layers if c.kind != "shared"}  # one boolean mask per attention kind
+        masks = sum(chunk * (tokens if c.kind == "global" else min(tokens, c.window - 1 + chunk))
+                    for c in kinds.values())
+        # after a prefill chunk a sliding layer holds window - 1 + chunk positions until the next step trims them
+        overhang = sum((min(tokens, c.window - 1 + chunk) - c.positions(tokens)) * c.bytes_per_position
+                       for c in self.layers if c.kind == "sliding")
+        cache_copy = max(c.nbytes(tokens) for c in self.layers)  # torch.cat builds the grown cache, then frees the old
+        logits = t.vocab_size * (DTYPE_BYTES + 4)
+        return layer + masks + overhang + cache_copy + logits
+
+    def workspace_bytes(self) -> int:
+        per_weight = {"bf16": 0, "int8": 2 * DTYPE_BYTES, "int4": 1 + 2 * DTYPE_BYTES}[self.quant]
+        return FIXED_WORKSPACE + self.dequant_bytes * per_weight
+
+    def total_bytes(self, tokens: int) -> int:
+        return self.weights_bytes + self.kv_cache_bytes(tokens) + self.activation_bytes(tokens) + self.workspace_bytes()
+
+    def max_context(self, gpu_bytes: int) -> int:
+        """Largest sequence length whose total fits in `gpu_bytes` (0 if not even one token), capped."""
+        if self.total_bytes(1) > gpu_bytes:
+            return 0
+        lo, hi = 1, self.max_positions  # total_bytes grows with the length: bisect for the last that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.total_bytes(mid) <= gpu_bytes else (lo, mid - 1)
+        return lo
+
+    def media_tokens(self, image_tokens: int, audio_seconds: float) -> tuple[int, int]:
+        """Sequence positions taken by one image and one audio clip, their begin / end markers included."""
+        samples = getattr(self.audio_config, "audio_samples_per_token", None) or 640
+        audio = math.ceil(audio_seconds * SAMPLE_RATE / samples)
+        return image_tokens + 2 * (image_tokens > 0), audio + 2 * (audio > 0)
+
+
+def make_plan(backbone: str, quant: str = "bf16", gpu_gb: float = 16, context: int = 8192, image_tokens: int = 0,
+              audio_seconds: float = 0, quant_group_size: int = 64, prefill_chunk: int = PREFILL_CHUNK) -> dict:
+    """Everything the CLI prints, as a dict (all sizes in bytes)."""
+    planner = MemoryPlanner(load_config(backbone), quant, quant_group_size, prefill_chunk)
+    image, audio = planner.media_tokens(image_tokens, audio_seconds)
+    tokens = context + image + audio
+    gpu = int(gpu_gb * GIB)
+    parts = dict(weights_bytes=planner.weights_bytes, kv_cache_bytes=planner.kv_cache_bytes(tokens),
+                 activation_bytes=planner.activation_bytes(tokens), workspace_bytes=planner.workspace_bytes())
+    total = sum(parts.values())
+    max_context = planner.max_context(gpu)
+    return dict(backbone=backbone, quant=quant, quant_group_size=quant_group_size, prefill_chunk=prefill_chunk,
+                gpu_gb=gpu_gb, gpu_bytes=gpu,
+                parameters=planner.parameters, context=context, image_tokens=image, audio_tokens=audio,
+                sequence_tokens=tokens, **parts, total_bytes=total, fits=total <= gpu, spare_bytes=gpu - total,
+                max_context=max_context, max_position_embeddings=planner.max_positions,
+                kv_layers=_describe_layers(planner.layers))
+
+
+def _describe_layers(layers: list[CacheLayer]) -> list[dict]:
+    groups: dict[CacheLayer, int] = {}
+    for layer in layers:
+        groups[layer] = groups.get(layer, 0) + 1
+    return [dict(**asdict(c), layers=n, bytes_per_token=c.bytes_per_position) for c, n in groups.items()]
+
+
+def format_plan(p: dict) -> str:
+    group = f" (group {p['quant_group_size']})" if p["quant"] == "int4" else ""
+    lines = [f"memory plan: backbone={p['backbone']} quant={p['quant']}{group}, batch 1, "
+             f"{p['parameters'] / 1e9:.2f}B parameters",
+             f"sequence: {p['context']} text + {p['image_tokens']} image + {p['audio_tokens']} audio "
+             f"= {p['sequence_tokens']} tokens (image and audio counts include their 2 marker tokens)",
+             f"{'':12s}{'GiB':>8s}  {'bytes':>16s}"]
+    for name, key in (("weights", "weights_bytes"), ("KV cache", "kv_cache_bytes"),
+                      ("activations", "activation_bytes"), ("workspace", "workspace_bytes"), ("total", "total_bytes")):
+        lines.append(f"{name:12s}{p[key] / GIB:8.2f}  {p[key]:16,d}")
+    for c in p["kv_layers"]:
+        window = f", window {c['window']}" if c["window"] else ""
+        heads = f"{c['kv_heads']} KV head{'s' * (c['kv_heads'] > 1)} x head_dim {c['head_dim']}{window}"
+        rule = (f"{c['bytes_per_token'] / 1024:g} KiB per token ({heads})" if c["kind"] != "shared"
+                else "no cache (reuses an earlier layer's)")
+        lines.append(f"  KV: {c['layers']} {c['kind']} layers, {rule}")
+    gpu = f"{p['gpu_gb']:g} GB"
+    lines.append(f"fits in {gpu} with {p['spare_bytes'] / GIB:.2f} GiB to spare" if p["fits"] else
+                 f"does not fit in {gpu}: needs {p['total_bytes'] / GIB:.2f} GiB "
+                 f"({-p['spare_bytes'] / GIB:.2f} GiB over)")
+    cap = " (capped at max_position_embeddings)" if p["max_context"] == p["max_position_embeddings"] else ""
+    lines.append(f"max context: {p['max_context']} tokens, image and audio included{cap}")
+    if p["sequence_tokens"] > p["max_position_embeddings"]:
+        lines.append(f"note: {p['sequence_tokens']} tokens exceed the model's max_position_embeddings "
+                     f"({p['max_position_embeddings']})")
+    chunk = f"min(S, {p['prefill_chunk']})" if p["prefill_chunk"] else "all S"
+    lines.append(f"estimates: activations = one layer's prefill at {chunk} tokens + masks + sliding-window overhang "
+                 "+ one layer's KV copy + last-position logits; workspace = 1 GiB CUDA context/allocator + the "
+                 "largest dequantised Linear (int8/int4); GB read as GiB")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> tuple[dict, bool]:
+    """key=value arguments -> make_plan keyword arguments, and whether --json was given."""
+    kwargs, as_json = {}, False
+    for arg in argv:
+        if arg == "--json":
+            as_json = True
+            continue
+        key, sep, value = arg.partition("=")
+        if not sep or key not in TYPES:
+            raise UserError(f"unknown argument '{arg}'; valid are {', '.join(k + '=...' for k in TYPES)} and --json.")
+        kind, example = TYPES[key]
+        try:
+            kwargs[key] = kind(value)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise UserError(f"{key}={value} is not {what}; pass e.g. {key}={example}.") from None
+        number = kwargs[key]
+        if kind is not str and not (math.isfinite(number) and (number > 0 if key in POSITIVE else number >= 0)):
+            bound = "positive" if key in POSITIVE else "zero or more"
+            raise UserError(f"{key}={value} is out of range; it must be {bound}, e.g. {key}={example}.")
+    if kwargs.get("quant", "bf16") not in QUANTS:
+        raise UserError(f"quant={kwargs['quant']} is not supported; choose one of {', '.join(QUANTS)}.")
+    if kwargs.get("quant_group_size", 64) % 2:
+        raise UserError(f"quant_group_size={kwargs['quant_group_size']} must be even (int4 packs two values per byte).")
+    kwargs.setdefault("backbone", "gemma4_12b")
+    return kwargs, as_json
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        sys.exit(0)
+    try:
+        kwargs, as_json = parse_args(argv)
+        plan = make_plan(**kwargs)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(format_plan(plan))
+    if as_json:
+        print(json.dumps({k: v for k, v in plan.items() if k != "kv_layers"}))
+    return plan
