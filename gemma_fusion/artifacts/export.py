@@ -13,7 +13,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from gemma_fusion.core.errors import UserError
-from gemma_fusion.models.backbone import DTYPES, meta_model, read_backbone_spec, remote_code_options
+from gemma_fusion.models.backbone import (DTYPES, check_remote_code_consent, load_backbone, meta_model, read_backbone_spec,
+                                          remote_code_options, split_full_model)
+from gemma_fusion.models.fusion import FusionModel
+from gemma_fusion.models.quant import QuantizedLinear
 log = logging.getLogger(__name__)
 FORMAT = "gemma_fusion.export/1"
 GEMMA4_EMBEDDERS = {"vision": "model.embed_vision.", "audio": "model.embed_audio."}
@@ -37,11 +40,6 @@ def check_loaded(full: nn.Module, quantized: dict, what: str) -> None:
 def load_export(path: str | Path, trust_remote_code: bool = False):
     """An export directory -> (FusionModel, the run's config with backbone.path = path); `trust_remote_code`:
     see `restore.check_remote_code_consent`."""
-    from gemma_fusion.models.backbone import load_backbone, split_full_model
-    from gemma_fusion.artifacts.load import check_remote_code_consent
-    from gemma_fusion.models.build import build_projector
-    from gemma_fusion.models.fusion import FusionModel
-
     path = Path(path).expanduser()
     meta = read_export_meta(path)
     cfg = OmegaConf.create(meta["config"])
@@ -54,13 +52,9 @@ def load_export(path: str | Path, trust_remote_code: bool = False):
         spec = read_backbone_spec(path, **remote_code_options(cfg.backbone))
         full = quantized_model(path, spec, meta, DTYPES[meta["dtype"]], cfg.backbone.attn_implementation)
         loaded = split_full_model(full, spec)
-    hidden, mm = loaded.backbone.hidden_size, loaded.multimodal
-    vision = build_projector(cfg.model.get("vision"), hidden, mm.vision, None, "vision")
-    audio = build_projector(cfg.model.get("audio"), hidden, mm.audio, None, "audio")
-    bidir = cfg.model.bidirectional_image
-    model = FusionModel(loaded.backbone, loaded.tokens, vision, audio,
-                        bidirectional_image=loaded.bidirectional_image if bidir is None else bidir,
-                        bidirectional_audio=cfg.model.bidirectional_audio, tokenizer=loaded.tokenizer)
+    model = FusionModel.from_loaded(loaded, cfg.model.get("vision"), cfg.model.get("audio"),
+                                    bidirectional_image=cfg.model.bidirectional_image,
+                                    bidirectional_audio=cfg.model.bidirectional_audio, init_from_checkpoint=False)
     state = load_file(str(path / "projectors.safetensors"))
     result = model.load_state_dict(state, strict=False)
     extra = [k for k in result.missing_keys if k.startswith(("vision.", "audio."))]
@@ -84,8 +78,6 @@ def read_export_meta(path: Path) -> dict:
 def quantized_model(path: Path, spec, meta: dict, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
     """The whole transformers model with its quantised Linear layers rebuilt from the stored int8 / int4
     tensors: built on the meta device, so no full-precision copy of a quantised weight is ever allocated."""
-    from gemma_fusion.models.quant import QuantizedLinear
-
     spec.config._attn_implementation = attn_implementation
     full = meta_model(spec.config, dtype)
     tensors = load_file(str(path / "model.safetensors"))

@@ -6,7 +6,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from gemma_fusion.artifacts.export import load_export
 from gemma_fusion.core.errors import UserError
+from gemma_fusion.models.backbone import check_remote_code_consent
+from gemma_fusion.models.build import build_model
 
 
 def load_run(run_dir: str | Path, for_export: bool = False, trust_remote_code: bool = False):
@@ -16,8 +19,6 @@ def load_run(run_dir: str | Path, for_export: bool = False, trust_remote_code: b
     `model.compile` or `model.gradient_checkpointing` (export merges the adapters into full-precision weights,
     then quantises once). `trust_remote_code`: see `check_remote_code_consent`.
     """
-    from gemma_fusion.models.build import build_model
-
     run_dir = Path(run_dir)
     config_path, weights = run_dir / "config.yaml", run_dir / "final" / "trainable.safetensors"
     for path in (config_path, weights):
@@ -39,15 +40,6 @@ def load_run(run_dir: str | Path, for_export: bool = False, trust_remote_code: b
     return model.eval(), cfg
 
 
-def check_remote_code_consent(cfg, where: str, trusted: bool) -> None:
-    """A run's config.yaml (perhaps someone else's) cannot by itself make gemma_fusion run a checkpoint's own
-    Python code: the user who loads the run says so again."""
-    if cfg.backbone.get("trust_remote_code") and not trusted:
-        raise UserError(f"{where} uses a backbone that runs its own Python code ({cfg.backbone.path}, pinned "
-                        f"{cfg.backbone.get('revision')}); it loads only when you pass trust_remote_code=true to "
-                        "eval.py, gemma_fusion.infer or gemma_fusion.export.")
-
-
 def model_dir_kind(path: str | Path) -> str | None:
     """"export" (a `gemma_fusion.export` directory), "run" (a train.py run directory) or None."""
     path = Path(path).expanduser()
@@ -60,8 +52,6 @@ def load_for_inference(path: str | Path, trust_remote_code: bool = False):
     """A train.py run directory (config.yaml + final/) or an export (export.json) -> (FusionModel, its config)."""
     kind = model_dir_kind(path)
     if kind == "export":
-        from gemma_fusion.artifacts.export import load_export
-
         return load_export(Path(path).expanduser(), trust_remote_code)
     if kind == "run":  # load_run says what is missing if training has not finished
         return load_run(Path(path).expanduser(), trust_remote_code=trust_remote_code)

@@ -151,6 +151,15 @@ def remote_code_options(backbone_cfg) -> dict:
     return {"trust_remote_code": bool(backbone_cfg.get("trust_remote_code")), "revision": backbone_cfg.get("revision")}
 
 
+def check_remote_code_consent(cfg, where: str, trusted: bool) -> None:
+    """A run's config.yaml (perhaps someone else's) cannot by itself make gemma_fusion run a checkpoint's own
+    Python code: the user who loads the run says so again."""
+    if cfg.backbone.get("trust_remote_code") and not trusted:
+        raise UserError(f"{where} uses a backbone that runs its own Python code ({cfg.backbone.path}, pinned "
+                        f"{cfg.backbone.get('revision')}); it loads only when you pass trust_remote_code=true to "
+                        "eval.py, gemma_fusion.infer or gemma_fusion.export.")
+
+
 def code_digest(path: Path) -> str:
     """sha256 over the names and bytes of every Python file under checkpoint directory `path`."""
     digest = hashlib.sha256()

@@ -1,12 +1,11 @@
-"""Build a FusionModel from the composed Hydra config: backbone, projectors, LoRA."""
+"""A trainable FusionModel from the composed Hydra config: backbone, projectors (assembled by
+`FusionModel.from_loaded`), LoRA, what trains, quantisation, checkpointing, compilation."""
 from __future__ import annotations
 
 import logging
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf import DictConfig
 
-from gemma_fusion.core.config import checked_instantiate
 from gemma_fusion.models.backbone import load_backbone, remote_code_options
 from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.fusion import FusionModel
@@ -17,37 +16,6 @@ from gemma_fusion.models.trainable import set_trainable
 log = logging.getLogger(__name__)
 
 
-def build_projector(node: DictConfig | None, hidden: int, ckpt_args: dict, ckpt_state: dict | None, name: str):
-    """Instantiate a projector config; `null` arguments take the checkpoint's value (or the default).
-
-    With `init_from_checkpoint: true` the checkpoint's embedder weights are loaded when they fit.
-    """
-    if node is None or "_target_" not in node:
-        return None
-    try:
-        args = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as err:
-        raise UserError(f"model/{name}: {err.full_key} must be set (e.g. model.{name}.{err.full_key.split('.')[-1]}"
-                        "=/path/to/it).") from err
-    from_ckpt = args.pop("init_from_checkpoint", True)
-    out_dim = args.pop("out_dim", None) or hidden  # FusionModel rejects a width that is not the backbone's
-    for key, value in list(args.items()):
-        if value is None:
-            if key in ckpt_args:
-                args[key] = ckpt_args[key]
-            else:
-                del args[key]
-    projector = checked_instantiate(args, f"model.{name}", out_dim=out_dim)
-    if from_ckpt and ckpt_state is not None:
-        shapes = {k: v.shape for k, v in projector.state_dict().items()}
-        if shapes == {k: v.shape for k, v in ckpt_state.items()}:
-            projector.load_state_dict(ckpt_state)
-            log.info("model/%s initialised from the checkpoint's embedder", name)
-        else:
-            log.warning("model/%s does not have the checkpoint's embedder shapes; it starts from random init", name)
-    return projector
-
-
 def build_model(cfg: DictConfig) -> FusionModel:
     quant = cfg.backbone.get("quant") or "none"
     if quant != "none" and cfg.lora.get("merge"):
@@ -55,16 +23,9 @@ def build_model(cfg: DictConfig) -> FusionModel:
                         "would be rounded again); train with lora.merge=false and merge at export time.")
     loaded = load_backbone(cfg.backbone.path, cfg.backbone.dtype, cfg.backbone.attn_implementation,
                            **remote_code_options(cfg.backbone))
-    hidden = loaded.backbone.hidden_size
-    mm = loaded.multimodal
-    vision = build_projector(cfg.model.get("vision"), hidden, mm.vision, mm.vision_state, "vision")
-    audio = build_projector(cfg.model.get("audio"), hidden, mm.audio, mm.audio_state, "audio")
-    bidir = cfg.model.bidirectional_image
-    model = FusionModel(
-        loaded.backbone, loaded.tokens, vision, audio,
-        bidirectional_image=loaded.bidirectional_image if bidir is None else bidir,
-        bidirectional_audio=cfg.model.bidirectional_audio, tokenizer=loaded.tokenizer,
-    )
+    model = FusionModel.from_loaded(loaded, cfg.model.get("vision"), cfg.model.get("audio"),
+                                    bidirectional_image=cfg.model.bidirectional_image,
+                                    bidirectional_audio=cfg.model.bidirectional_audio)
     if cfg.lora.get("r"):
         add_lora(loaded.backbone.decoder, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
                  cfg.lora.target_modules, cfg.lora.get("use_dora", False))

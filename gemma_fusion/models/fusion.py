@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from torch import nn
 
 from gemma_fusion.core.batch import AUDIO, IGNORE_INDEX, IMAGE, LOADER_KEYS, PROCESSOR_KEYS, SpecialTokens
 from gemma_fusion.core.errors import UserError
-from gemma_fusion.models.backbone import Backbone, load_backbone
-from gemma_fusion.models.projectors import AudioFrameProjector, PatchEmbedder
+from gemma_fusion.models.backbone import Backbone, LoadedBackbone, load_backbone
+from gemma_fusion.models.projectors.build import NATIVE, build_projector
 
 IGNORED_BATCH_KEYS = {*LOADER_KEYS, *PROCESSOR_KEYS}
 
@@ -89,7 +90,8 @@ class FusionModel(nn.Module):
     def from_pretrained(cls, path: str | Path, dtype: str = "float32", **kwargs) -> "FusionModel":
         """Load a Gemma 4 unified checkpoint (or any causal LM, without projectors) from a local directory, with
         transformers' semantics (its embedders, its attention rules). A quantised or non-native export of
-        `python -m gemma_fusion.export` loads with `gemma_fusion.export.load_export` instead."""
+        `python -m gemma_fusion.export` loads with `gemma_fusion.export.load_export` instead. `kwargs`: see
+        `from_loaded`."""
         export = Path(path).expanduser() / "export.json"
         if export.is_file() and json.loads(export.read_text()).get("quant", "none") != "none":
             raise UserError(f"{path} is a quantised gemma_fusion export; load it with "
@@ -97,19 +99,32 @@ class FusionModel(nn.Module):
         return cls.from_loaded(load_backbone(path, dtype=dtype), **kwargs)
 
     @classmethod
-    def from_loaded(cls, loaded, **kwargs) -> "FusionModel":
-        """A split transformers model (`backbone.load_backbone` / `split_full_model`) with its own embedders as
-        the projectors (Gemma 4 unified; none for other causal LMs)."""
-        hidden = loaded.backbone.hidden_size
-        vision = audio = None
-        if loaded.multimodal.vision_state is not None:
-            vision = PatchEmbedder(out_dim=hidden, **loaded.multimodal.vision).to(loaded.backbone.dtype)
-            vision.load_state_dict(loaded.multimodal.vision_state)
-        if loaded.multimodal.audio_state is not None:
-            audio = AudioFrameProjector(out_dim=hidden, **loaded.multimodal.audio).to(loaded.backbone.dtype)
-            audio.load_state_dict(loaded.multimodal.audio_state)
-        kwargs.setdefault("bidirectional_image", loaded.bidirectional_image)
-        return cls(loaded.backbone, loaded.tokens, vision, audio, tokenizer=loaded.tokenizer, **kwargs)
+    def from_loaded(cls, loaded: LoadedBackbone, vision: Mapping | None | str = "native",
+                    audio: Mapping | None | str = "native", *, bidirectional_image: bool | None = None,
+                    bidirectional_audio: bool = False, init_from_checkpoint: bool = True) -> "FusionModel":
+        """The one place a FusionModel is assembled: a split transformers model (`backbone.load_backbone` /
+        `split_full_model`) plus a projector per modality.
+
+        `vision` / `audio`: a projector config node (`configs/model/vision/*.yaml`: `_target_` and arguments;
+        `null` arguments take the checkpoint's values), None for no projector, or "native": the checkpoint's own
+        embedder with its weights (Gemma 4 unified), none for a checkpoint without one. `init_from_checkpoint`:
+        False leaves every projector at its random init (its weights come from elsewhere, e.g. an export).
+        `bidirectional_image` None: the checkpoint's own attention rule.
+        """
+        mm, hidden = loaded.multimodal, loaded.backbone.hidden_size
+        parts = {}
+        for name, node, args, state in (("vision", vision, mm.vision, mm.vision_state),
+                                        ("audio", audio, mm.audio, mm.audio_state)):
+            native = isinstance(node, str) and node == "native"
+            if native:  # the checkpoint's own design and arguments, if it has an embedder
+                node = {**NATIVE[name], **args} if state is not None else None
+            projector = build_projector(node, hidden, args, state if init_from_checkpoint else None, name)
+            if native and projector is not None:
+                projector = projector.to(loaded.backbone.dtype)  # the checkpoint's embedder in the checkpoint's dtype
+            parts[name] = projector
+        return cls(loaded.backbone, loaded.tokens, parts["vision"], parts["audio"],
+                   bidirectional_image=loaded.bidirectional_image if bidirectional_image is None else bidirectional_image,
+                   bidirectional_audio=bidirectional_audio, tokenizer=loaded.tokenizer)
 
     def train(self, mode: bool = True) -> "FusionModel":
         super().train(mode)

@@ -90,7 +90,7 @@ def test_quantised_export_is_the_merged_model_quantised_once(trained_run, tmp_pa
 
 
 def test_a_failed_export_leaves_no_directory_and_a_full_one_is_not_overwritten(trained_run, tmp_path, monkeypatch):
-    import gemma_fusion.export as export
+    import gemma_fusion.inference.export as export
 
     from safetensors import SafetensorError
 
