@@ -45,7 +45,7 @@ from common import image_grid
 VOCAB, HIDDEN, LAYERS, BATCH, TAIL, TARGETS = 262_144, 256, 2, 1, 32, 16
 SWEEPS = {"image": (70, 140, 280, 560, 1120), "audio": (1, 5, 10, 30), "text": (128, 512, 2048)}
 UNITS = {"image": "image tokens", "audio": "seconds", "text": "tokens"}
-AUDIO_TOKENS_PER_S, FRAME = 25, 640
+FRAME = 640  # samples per audio soft token: the audio projector's frame_dim (25 tokens per second)
 
 
 def build_model(seed: int = 0):
@@ -67,7 +67,7 @@ def make_batch(model, sweep: str, size: int, seed: int = 0) -> dict:
     """One row of the sweep at `size` (image tokens, audio seconds or text tokens); the last 16 tokens are targets."""
     import torch
 
-    from gemma_fusion.core.batch import AUDIO, IMAGE
+    from gemma_fusion.core.batch import AUDIO, IMAGE, SAMPLE_RATE
 
     g = torch.Generator().manual_seed(seed)
     t = model.tokens
@@ -80,7 +80,7 @@ def make_batch(model, sweep: str, size: int, seed: int = 0) -> dict:
         batch.update(pixel_values=torch.rand(BATCH, size, model.vision.patch_dim, generator=g),
                      image_position_ids=positions.expand(BATCH, -1, -1).contiguous())
     elif sweep == "audio":
-        frames = size * AUDIO_TOKENS_PER_S
+        frames = size * SAMPLE_RATE // model.audio.frame_dim  # soft tokens of `size` seconds
         ids = [t.bos, *t.audio_start, *[t.audio_token] * frames, *t.audio_end, *text(TAIL)]
         batch.update(input_features=torch.randn(BATCH, frames, model.audio.frame_dim, generator=g) * 0.1,
                      input_features_mask=torch.ones(BATCH, frames, dtype=torch.bool))
@@ -201,6 +201,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps)))
         return
+    from gemma_fusion.core.batch import SAMPLE_RATE
+
     start = time.perf_counter()
     sweeps = {sweep: run_worker(sweep, args.steps) for sweep in SWEEPS}
     plot(sweeps, args.out)
@@ -211,7 +213,7 @@ def main() -> None:
         "points": [p for points in sweeps.values() for p in points],
         "plot": str(args.out),
         "config": {"vocab": VOCAB, "hidden": HIDDEN, "layers": LAYERS, "batch": BATCH, "text_tail": TAIL,
-                   "targets": TARGETS, "audio_tokens_per_s": AUDIO_TOKENS_PER_S, "frame_samples": FRAME,
+                   "targets": TARGETS, "audio_tokens_per_s": SAMPLE_RATE // FRAME, "frame_samples": FRAME,
                    "dtype": "float32", "steps_timed": args.steps,
                    "trainable": "vision + audio embedders, LoRA r16 on all decoder linears"},
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),

@@ -50,6 +50,9 @@ def decode_speed(model, batch: dict, steps: int, repeats: int = 3) -> tuple[floa
 
 
 def measure(name: str, path: Path, steps: int) -> dict:
+    from dataclasses import replace
+
+    from gemma_fusion.core.schema import data_config
     from gemma_fusion.data.pipeline import make_loader, run_preprocessor
     from gemma_fusion.eval.evaluate import evaluate, prompt_only
     from gemma_fusion.models.quant import tensor_bytes
@@ -58,9 +61,10 @@ def measure(name: str, path: Path, steps: int) -> dict:
     model, cfg = load_for_inference(path)
     data = cfg.data
     preprocess = run_preprocessor(model, data, skip_long=False)
-    loader = make_loader(data.val, preprocess, data.eval_batch_size, split_by_rank=False)
+    loader = make_loader(data, preprocess, train=False, split_by_rank=False)
     result = evaluate(model, loader, max_new_tokens=16)
-    first = next(iter(make_loader(data.val, preprocess, 1, split_by_rank=False)))  # one image prompt
+    one = replace(data_config(data), eval_batch_size=1)
+    first = next(iter(make_loader(one, preprocess, train=False, split_by_rank=False)))  # one image prompt
     ttft, rate = decode_speed(model, prompt_only(first, model.tokens.pad), steps)
     em = {"overall": result["overall"]["exact_match"],
           **{m: v["exact_match"] for m, v in result.get("modalities", {}).items()}}

@@ -5,7 +5,7 @@
 Generates photo-like JPEGs (quality 90, sizes drawn between --min-size and --max-size) into webdataset
 shards in a temporary directory, then times, single process and single thread, samples/s over the same shards:
 
-- pipeline: `make_loader(..., batch_size=8, num_workers=0)` with `SamplePreprocessor(ImagePreprocessor(280))`:
+- pipeline: `make_loader(DataConfig(batch_size=8), ...)` with `SamplePreprocessor(ImagePreprocessor(280))`:
   tar reading, decode, resize + patchify, tokenize, collate — the training path.
 - hf_processor: tar reading + PIL decode + transformers' `Gemma4UnifiedImageProcessor`, one image per call.
 - bare: tar reading + PIL decode + `Image.resize(target_size, BICUBIC)` in uint8: work no pipeline can skip.
@@ -35,6 +35,7 @@ from transformers import Gemma4UnifiedForConditionalGeneration
 from transformers.models.gemma4_unified.image_processing_gemma4_unified import Gemma4UnifiedImageProcessor
 from transformers.utils import logging as hf_logging
 
+from gemma_fusion.core.schema import DataConfig
 from gemma_fusion.data.image import ImagePreprocessor, target_size
 from gemma_fusion.data.pipeline import SamplePreprocessor, make_loader
 from gemma_fusion.data.sources import ShardStream
@@ -105,7 +106,7 @@ def raw_samples(shards: Path):
 
 
 def run_pipeline(shards: Path, preprocess: SamplePreprocessor) -> int:
-    loader = make_loader(str(shards), preprocess, batch_size=BATCH_SIZE, num_workers=0)
+    loader = make_loader(DataConfig(batch_size=BATCH_SIZE, num_workers=0), preprocess, train=True, spec=str(shards))
     count, stats = 0, {}
     for batch in loader:
         assert batch["pixel_values"].dtype == torch.uint8

@@ -65,6 +65,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from gemma_fusion.data.demo import ensure_demo_data
+    from gemma_fusion.core.schema import DataConfig
     from gemma_fusion.data.pipeline import make_loader
 
     torch.manual_seed(0)
@@ -74,12 +75,15 @@ def main() -> None:
         if not data.is_dir():
             data = ensure_demo_data(tmp / "demo", train_per_task=1000, val_per_task=1, progress=False) / "train"
         preprocess, _ = preprocessor(tmp)
-        common = dict(spec=str(data), preprocess=preprocess, batch_size=args.batch_size, shuffle=1000, seed=0,
-                      resampled=True, split_by_rank=False)
+
+        def loader(**batching):
+            reading = DataConfig(batch_size=args.batch_size, shuffle_buffer=1000, resampled=True, **batching)
+            return make_loader(reading, preprocess, train=True, spec=str(data), seed=0, split_by_rank=False)
+
         results = {
-            "unpacked": padding(make_loader(**common), args.batches),
-            "bucketed": padding(make_loader(**common, bucket_batches=8), args.batches),
-            "packed": padding(make_loader(**common, pack_length=args.pack_length), args.batches),
+            "unpacked": padding(loader(), args.batches),
+            "bucketed": padding(loader(bucket_batches=8), args.batches),
+            "packed": padding(loader(pack_length=args.pack_length), args.batches),
         }
     print(json.dumps({
         "padding_fraction_unpacked": results["unpacked"]["padding_fraction"],

@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch import nn
 
+from gemma_fusion.artifacts.rundir import ExportDir
+from gemma_fusion.core.config import check_targets
 from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.backbone import (DTYPES, check_remote_code_consent, load_backbone, meta_model, read_backbone_spec,
                                           remote_code_options, split_full_model)
@@ -43,6 +45,7 @@ def load_export(path: str | Path, trust_remote_code: bool = False):
     path = Path(path).expanduser()
     meta = read_export_meta(path)
     cfg = OmegaConf.create(meta["config"])
+    check_targets(cfg, source=str(ExportDir(path).meta))  # before anything is imported or built from it
     check_remote_code_consent(cfg, f"run={path}", trust_remote_code)
     cfg.backbone.path = str(path)
     if meta["quant"] == "none":
@@ -54,21 +57,23 @@ def load_export(path: str | Path, trust_remote_code: bool = False):
         loaded = split_full_model(full, spec)
     model = FusionModel.from_loaded(loaded, cfg.model.get("vision"), cfg.model.get("audio"),
                                     bidirectional_image=cfg.model.bidirectional_image,
-                                    bidirectional_audio=cfg.model.bidirectional_audio, init_from_checkpoint=False)
-    state = load_file(str(path / "projectors.safetensors"))
+                                    bidirectional_audio=cfg.model.bidirectional_audio, init_from_checkpoint=False,
+                                    saved=True)
+    out = ExportDir(path)
+    state = load_file(str(out.projectors))
     result = model.load_state_dict(state, strict=False)
     extra = [k for k in result.missing_keys if k.startswith(("vision.", "audio."))]
     if result.unexpected_keys or extra:
-        raise UserError(f"{path}/projectors.safetensors does not fit the projectors export.json describes "
+        raise UserError(f"{out.projectors} does not fit the projectors {out.meta.name} describes "
                         f"(missing {extra[:3]}, unexpected {result.unexpected_keys[:3]}); re-export the run.")
     model.requires_grad_(False)
     return model.eval(), cfg
 
 
 def read_export_meta(path: Path) -> dict:
-    meta_path = path / "export.json"
+    meta_path = ExportDir(path).meta
     if not meta_path.is_file():
-        raise UserError(f"{path} has no export.json; pass a directory written by `python -m gemma_fusion.export`.")
+        raise UserError(f"{path} has no {meta_path.name}; pass a directory written by `python -m gemma_fusion.export`.")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise UserError(f"{meta_path} has format {meta.get('format')!r}, not {FORMAT!r}; re-export with this version.")
@@ -80,7 +85,8 @@ def quantized_model(path: Path, spec, meta: dict, dtype: torch.dtype, attn_imple
     tensors: built on the meta device, so no full-precision copy of a quantised weight is ever allocated."""
     spec.config._attn_implementation = attn_implementation
     full = meta_model(spec.config, dtype)
-    tensors = load_file(str(path / "model.safetensors"))
+    weights = ExportDir(path).model
+    tensors = load_file(str(weights))
     for name, info in meta["quantized"].items():
         parent, _, child = name.rpartition(".")
         stored = {k: tensors.pop(f"{name}.{k}", None) for k in ("qweight", "scale", "bias")}
@@ -96,7 +102,7 @@ def quantized_model(path: Path, spec, meta: dict, dtype: torch.dtype, attn_imple
     full.tie_weights()
     left = [n for n, t in (*full.named_parameters(), *full.named_buffers()) if t.is_meta]
     if left or result.unexpected_keys:
-        raise UserError(f"{path}/model.safetensors does not fit its config.json (not loaded: {left[:3]}, "
+        raise UserError(f"{weights} does not fit its config.json (not loaded: {left[:3]}, "
                         f"unexpected: {result.unexpected_keys[:3]}); re-export the run.")
     return full.eval()
 

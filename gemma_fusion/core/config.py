@@ -1,29 +1,38 @@
 """Hydra/OmegaConf glue: the `${project_root:}` resolver, the resolved config as plain YAML, command-line checks
-and the `_target_` allowlist.
+and the `_target_` policy.
 
-A config can name Python objects (`_target_`, FSDP's `layer_classes`), and a config may come from someone
-else (a downloaded run directory's config.yaml). `check_targets` lets it name classes of the libraries
-gemma_fusion configures and anything of gemma_fusion itself; functions of other packages (`os.system`,
-`torch.load`, `transformers.AutoModel.from_pretrained`) are refused. Users who write their own projector
-module allow its package with the environment variable GEMMA_FUSION_TARGETS (the shell decides, not a
-config file).
+A config may come from someone else (a downloaded run's config.yaml, an export's export.json), so it is data
+that must never reach an arbitrary function or class. `check_targets` lets a `_target_` stand only at the root
+of a component node (COMPONENTS: model.vision, model.audio, trainer.strategy) and name only a class that
+implements the projector contract (a subclass of `Buildable`) or, at trainer.strategy, one of the Lightning
+strategies in STRATEGIES: what the object is decides, never how its dotted path is spelt. Only modules of
+gemma_fusion, lightning and the packages a user names in $GEMMA_FUSION_TARGETS (the shell decides, never a
+config file) are imported to find out; anything else is refused unimported.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
+from omegaconf import BooleanNode, DictConfig, FloatNode, IntegerNode, ListConfig, OmegaConf
 
 from gemma_fusion.core.errors import UserError
+from gemma_fusion.core.schema import SCHEMAS, check, schema_of
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = str(PROJECT_ROOT / "configs")
 
 if not OmegaConf.has_resolver("project_root"):
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+for _name, _schema in SCHEMAS.items():  # train.yaml / eval.yaml list these first: every group is typed by them
+    ConfigStore.instance().store(name=_name, node=_schema)
 
 
 def to_plain(cfg):
@@ -51,9 +60,6 @@ def check_cli_overrides(config_name: str, argv: list[str]) -> None:
     valid, and a wrong type would only surface as a traceback deep in Lightning. Group choices
     (`model/vision=foo`) are left to Hydra, whose message lists the available options.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     overrides = [a for a in argv if "=" in a and not a.startswith(("-", "+", "~"))]
     groups = _groups()
     group_overrides = [a for a in overrides if a.split("=", 1)[0] in groups]
@@ -81,65 +87,30 @@ def check_cli_overrides(config_name: str, argv: list[str]) -> None:
 
 
 def _check_type(key: str, node, value) -> None:
-    """A number or a switch stays one (ints are accepted for floats), a group of keys stays a group; null and
-    ${...} are left to the config."""
-    if value is None or (isinstance(value, str) and value.startswith("${")):
+    """A number or a switch stays one (ints are accepted for floats), a group of keys stays a group, null only
+    where the schema allows it; ${...} is left to the config."""
+    if isinstance(value, str) and value.startswith("${"):
         return
-    if isinstance(node, DictConfig) and not isinstance(value, dict):
+    if isinstance(node, DictConfig) and value is not None and not isinstance(value, dict):
         keys = list(node.keys())
         raise SystemExit(f"error: {key} holds several keys ({', '.join(keys)}); set one of them, e.g. "
                          f"{key}.{keys[0]}={value}.")
     default = node._value()
     kinds = {bool: ("true or false", (bool,)), int: ("an integer", (int,)), float: ("a number", (int, float))}
-    kind = type(default)
+    kind = {IntegerNode: int, FloatNode: float, BooleanNode: bool}.get(type(node), type(default))  # typed: also null
+    shown = "null" if default is None else str(default).lower() if kind is bool else default
+    if value is None:
+        if kind in kinds and not node._is_optional():
+            raise SystemExit(f"error: {key}=null is not allowed: it must be {kinds[kind][0]} (its default is {shown}).")
+        return
     if kind in kinds and (not isinstance(value, kinds[kind][1]) or (kind is not bool and isinstance(value, bool))):
-        shown = str(default).lower() if kind is bool else default
         raise SystemExit(f"error: {key}={value} is not {kinds[kind][0]} (its default is {shown}).")
 
 
-# key -> (kind, test, what it must be); null passes only for the keys marked nullable
-_NUMBER_RULES = {
-    "data.batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
-    "data.eval_batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
-    "data.image_tokens": (int, lambda v: v >= 1, "an integer >= 1 (soft tokens per image)"),
-    "data.num_workers": (int, lambda v: v >= 0, "an integer >= 0"),
-    "data.shuffle_buffer": (int, lambda v: v >= 0, "an integer >= 0"),
-    "data.bucket_batches": (int, lambda v: v >= 1, "an integer >= 1"),
-    "data.pack_length": (int, lambda v: v >= 0, "an integer >= 0 (0: no packing)"),
-    "data.max_batch_tokens": (int, lambda v: v >= 1, "null or an integer >= 1"),
-    "data.max_length": (int, lambda v: v >= 1, "null or an integer >= 1"),
-    "data.max_train_shards": (int, lambda v: v >= 1, "null or an integer >= 1"),
-    "data.cache_gb": (float, lambda v: v >= 0, "a number >= 0"),
-    "data.audio_max_seconds": (float, lambda v: v > 0, "null or a number > 0"),
-    "data.max_bad_fraction": (float, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
-    "data.bad_check_after": (int, lambda v: v >= 0, "an integer >= 0"),
-    "data.max_image_megapixels": (float, lambda v: v > 0, "a number > 0"),
-    "optim.warmup_steps": (int, lambda v: v >= 0, "an integer >= 0"),
-    "optim.schedule_steps": (int, lambda v: v >= 1, "null or an integer >= 1"),
-    "optim.weight_decay": (float, lambda v: v >= 0, "a number >= 0"),
-    "optim.max_nonfinite_skips": (int, lambda v: v >= 0, "an integer >= 0"),
-    "lora.r": (int, lambda v: v >= 0, "an integer >= 0 (0: no adapters)"),
-    "checkpoint.every_n_steps": (int, lambda v: v >= 0, "an integer >= 0 (0: no checkpoints)"),
-    "trainer.max_steps": (int, lambda v: v >= 1 or v == -1, "an integer >= 1 (or -1 with trainer.max_epochs)"),
-}
-_ABSENT = object()
-_NULLABLE = {"data.max_batch_tokens", "data.max_length", "data.max_train_shards", "data.audio_max_seconds",
-             "optim.schedule_steps", "lora.r"}
-
-
 def check_values(cfg: DictConfig) -> None:
-    """Sizes, counts and rates in range (a batch size of 0 would loop forever gathering an empty batch)."""
-    checks = dict(_NUMBER_RULES)
-    lr = OmegaConf.select(cfg, "optim.lr")
-    for part in lr if OmegaConf.is_dict(lr) else ():
-        checks[f"optim.lr.{part}"] = (float, lambda v: v >= 0, "a number >= 0 (0 freezes that part)")
-    for key, (kind, test, rule) in checks.items():
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
-        if value is _ABSENT or (value is None and key in _NULLABLE):
-            continue
-        kinds = (int,) if kind is int else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) or not test(value):
-            raise UserError(f"{key}={value} is out of range: it must be {rule}.")
+    """Every key in its type and range, by the rules of its schema (gemma_fusion/core/schema.py); a batch size
+    of 0 would loop forever gathering an empty batch."""
+    check(cfg, schema_of(cfg))
 
 
 class Buildable:
@@ -147,32 +118,64 @@ class Buildable:
     (gemma_fusion/models/projectors/base.py) inherit it, so any design implementing them qualifies."""
 
 
-CLASS_PACKAGES = ("lightning", "torch", "transformers", "peft")  # classes only: their functions load and run things
+# The config nodes that may name a class to build, by their key in the composed config; a `_target_` anywhere
+# else (inside a projector's arguments, inside FSDP's options) is refused.
+COMPONENTS = ("model.vision", "model.audio", "trainer.strategy")
+# The only classes a config may build besides Buildable's subclasses: Lightning strategies, by identity, at
+# trainer.strategy (their options are plain data that gemma_fusion/training/fsdp.py turns into objects).
+STRATEGIES = ("lightning.pytorch.strategies.DDPStrategy", "lightning.pytorch.strategies.FSDPStrategy")
+STRATEGY_NODE = "trainer.strategy"
 TARGETS_ENV = "GEMMA_FUSION_TARGETS"
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 def own_packages() -> tuple[str, ...]:
-    """Packages whose functions a config may call: gemma_fusion and those listed in $GEMMA_FUSION_TARGETS."""
+    """Top-level packages a `_target_` may be imported from: gemma_fusion, lightning (its strategies) and those
+    listed in $GEMMA_FUSION_TARGETS (a user's own designs; the shell decides, never a run's files)."""
     extra = (name.strip() for name in os.environ.get(TARGETS_ENV, "").split(","))
-    return ("gemma_fusion", *(name for name in extra if name))
+    return ("gemma_fusion", "lightning", *(name for name in extra if name))
 
 
-def check_target(path: object, where: str) -> None:
-    """Stop with one sentence unless `path` names a class of CLASS_PACKAGES or anything of own_packages()."""
-    own, top = own_packages(), str(path).split(".")[0]
-    allowed = (f"configs may name classes of {', '.join(CLASS_PACKAGES)} and anything of {', '.join(own)} "
-               f"(set {TARGETS_ENV}=your_package to allow your own module)")
-    if not isinstance(path, str) or top not in own + CLASS_PACKAGES:
-        raise UserError(f"{where}={path} is not allowed: {allowed}.")
-    target = _locate(path)
+def _allowed_text(where: str) -> str:
+    strategies = f", or at {STRATEGY_NODE} one of {', '.join(STRATEGIES)}" if where == STRATEGY_NODE else ""
+    return (f"a config may build only a projector class (one implementing the contract of "
+            f"gemma_fusion/models/projectors/base.py){strategies}; to use a design of your own, subclass the "
+            f"contract in your package and allow it on the command line with {TARGETS_ENV}=your_package")
+
+
+def check_target(path: object, where: str):
+    """The class that `path`, the `_target_` of the component node `where` (e.g. `model.vision`), names; stops
+    with one sentence unless it is a subclass of Buildable or, at trainer.strategy, one of STRATEGIES.
+
+    What the object is decides, never how its path is spelt (`gemma_fusion.core.config.os.system` is a
+    function reached through an allowed module). Only modules of own_packages() are imported to find out.
+    """
+    key = f"{where}._target_={path}"
+    if where not in COMPONENTS:
+        raise UserError(f"{key} is not allowed: a _target_ may only head one of {', '.join(COMPONENTS)}, never sit "
+                        "inside their arguments or elsewhere in a config.")
+    if not importable(path, own_packages()):
+        raise UserError(f"{key} is not allowed: {_allowed_text(where)}.")
+    target = locate(path)
     if target is None:
-        raise UserError(f"{where}={path} cannot be imported; check the dotted path (module.Class).")
-    if top not in own and not isinstance(target, type):
-        raise UserError(f"{where}={path} is not a class: {allowed}.")
+        raise UserError(f"{key} cannot be imported; check the dotted path (package.module.Class).")
+    if isinstance(target, type) and issubclass(target, Buildable):
+        return target
+    if where == STRATEGY_NODE and any(target is locate(name) for name in STRATEGIES):
+        return target
+    kind = f"it is {target.__module__}.{target.__qualname__}" if isinstance(target, type) else \
+        f"it is a {type(target).__name__}, not a class"
+    raise UserError(f"{key} is not allowed ({kind}): {_allowed_text(where)}.")
 
 
-def _locate(path: str):
-    """The object a dotted path names (the longest importable module prefix, then attributes), or None."""
+def importable(path: object, packages: tuple[str, ...]) -> bool:
+    """`path` is a dotted name (`package.module.Class`) whose top-level package is one of `packages`."""
+    return isinstance(path, str) and bool(_DOTTED.fullmatch(path)) and path.split(".")[0] in packages
+
+
+def locate(path: str):
+    """The object a dotted path names (the longest importable module prefix, then attributes), or None.
+    It imports modules: callers first make sure the path is `importable` from packages they trust."""
     parts = path.split(".")
     for i in range(len(parts), 0, -1):
         try:
@@ -185,25 +188,60 @@ def _locate(path: str):
     return None
 
 
-def check_targets(node, where: str = "") -> None:
-    """`check_target` on every `_target_` inside a config (a DictConfig or plain containers)."""
-    if OmegaConf.is_config(node):
-        node = OmegaConf.to_container(node, resolve=False)
+def _target_nodes(node, where: str = ""):
+    """(key of the node, its `_target_`) for every node holding a `_target_`, in plain containers."""
     if isinstance(node, Mapping):
+        if "_target_" in node:
+            yield where, node["_target_"]
         for key, value in node.items():
-            path = f"{where}.{key}" if where else str(key)
-            if key == "_target_":
-                check_target(value, path)
-            else:
-                check_targets(value, path)
+            if key != "_target_":
+                yield from _target_nodes(value, f"{where}.{key}" if where else str(key))
     elif isinstance(node, (list, tuple)):
         for i, value in enumerate(node):
-            check_targets(value, f"{where}[{i}]")
+            yield from _target_nodes(value, f"{where}[{i}]")
+
+
+def _resolved(node):
+    """Plain containers of a config node, each value resolved where it resolves (left out where it does not:
+    `???`, an interpolation that needs Hydra's runtime)."""
+    if isinstance(node, DictConfig):
+        keys, get = node.keys(), node.__getitem__
+    elif isinstance(node, ListConfig):
+        keys, get = range(len(node)), node.__getitem__
+    else:
+        return node
+    out = {}
+    for key in keys:
+        try:
+            out[key] = _resolved(get(key))
+        except Exception:  # the written value is checked instead
+            continue
+    return out if isinstance(node, DictConfig) else list(out.values())
+
+
+def check_targets(cfg, where: str = "", source: str = "") -> None:
+    """The `_target_` policy on a config (a DictConfig or plain containers) whose key is `where` ("" for a whole
+    composed config): `_target_` only at the root of COMPONENTS, each naming an allowed class (`check_target`).
+
+    Run before anything is imported or built from a config: a run's config.yaml, an export's export.json and
+    command-line overrides. Both the written values and, where they resolve, the resolved ones are checked
+    (a resolver such as `oc.decode` could turn a string into a node). `source` (e.g. `run=RUN/config.yaml`)
+    heads the message.
+    """
+    views = [OmegaConf.to_container(cfg, resolve=False), _resolved(cfg)] if OmegaConf.is_config(cfg) else [cfg]
+    try:
+        for view in views:
+            for key, path in _target_nodes(view, where):
+                check_target(path, key)
+    except UserError as err:
+        if not source:
+            raise
+        raise UserError(f"{source}: {err}") from None
 
 
 def checked_instantiate(node, where: str, **kwargs):
-    """hydra.utils.instantiate after `check_targets`: the one way gemma_fusion turns config into objects."""
-    from hydra.utils import instantiate
-
+    """The object a component node (`model.vision`, `trainer.strategy`) builds, after `check_targets`: the one
+    way gemma_fusion turns config into objects. Non-recursive: the node's arguments reach the class as data;
+    `kwargs` (built objects, or values that override the node's) reach it as they are."""
     check_targets(node, where)
-    return instantiate(node, **kwargs)
+    return instantiate(node, _recursive_=False, _partial_=True)(**kwargs)

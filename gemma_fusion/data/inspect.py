@@ -14,62 +14,65 @@ distribution of text / image / audio tokens per sample, and the padding fraction
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from tqdm import tqdm
 
+from gemma_fusion.core.cli import option, parse_cli
+from gemma_fusion.core.config import CONFIG_DIR, check_cli_overrides
 from gemma_fusion.core.errors import UserError, exit_on_user_error
+from gemma_fusion.core.batch import AUDIO, IMAGE, TEXT
+from gemma_fusion.core.schema import data_config
+from gemma_fusion.data.audio import AudioPreprocessor
+from gemma_fusion.data.image import ImagePreprocessor
+from gemma_fusion.data.pipeline import SamplePreprocessor
+from gemma_fusion.models.backbone import read_backbone_spec
+from gemma_fusion.data.pipeline import make_loader
 
-KINDS = {"text": 0, "image": 1, "audio": 3}  # mm_token_type_ids values (FusionModel's TEXT / IMAGE / AUDIO)
+KINDS = {"text": TEXT, "image": IMAGE, "audio": AUDIO}  # mm_token_type_ids values
 
 
 def preprocessor_from_config(cfg):
     """The run's SamplePreprocessor, built from the backbone's config and tokenizer only (no weights)."""
-    from gemma_fusion.data.audio import AudioPreprocessor
-    from gemma_fusion.data.image import MAX_MEGAPIXELS, ImagePreprocessor
-    from gemma_fusion.data.pipeline import SamplePreprocessor
-    from gemma_fusion.models.backbone import read_backbone_spec
-
     spec = read_backbone_spec(cfg.backbone.path)
 
     def setting(node, key: str, from_checkpoint: dict, default):
         value = node.get(key) if node is not None else None
         return value if value is not None else from_checkpoint.get(key, default)
 
-    vision, audio = cfg.model.get("vision"), cfg.model.get("audio")
+    vision, audio, data = cfg.model.get("vision"), cfg.model.get("audio"), data_config(cfg.data)
     image = audio_pre = None
     if vision is not None and "_target_" in vision:
-        image = ImagePreprocessor(cfg.data.image_tokens, setting(vision, "patch_size", spec.multimodal.vision, 16),
+        image = ImagePreprocessor(data.image_tokens, setting(vision, "patch_size", spec.multimodal.vision, 16),
                                   setting(vision, "pooling_kernel_size", spec.multimodal.vision, 3),
-                                  cfg.data.get("jpeg_draft", False),
-                                  cfg.data.get("max_image_megapixels", MAX_MEGAPIXELS))
+                                  data.jpeg_draft, data.max_image_megapixels)
     if audio is not None and "_target_" in audio:
         audio_pre = AudioPreprocessor(samples_per_token=setting(audio, "frame_dim", spec.multimodal.audio, 640),
-                                      max_seconds=cfg.data.audio_max_seconds)
-    return SamplePreprocessor(spec.tokenizer, spec.tokens, image, audio_pre, cfg.data.get("max_length"))
+                                      max_seconds=data.audio_max_seconds)
+    return SamplePreprocessor(spec.tokenizer, spec.tokens, image, audio_pre, data.max_length)
 
 
 def _distribution(values: list[int]) -> dict:
     if not values:
         return {"total": 0, "mean": 0.0, "min": 0, "p50": 0, "p90": 0, "max": 0}
     ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    def pick(q):
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
     return {"total": sum(ordered), "mean": round(sum(ordered) / len(ordered), 2), "min": ordered[0],
             "p50": pick(0.5), "p90": pick(0.9), "max": ordered[-1]}
 
 
 def inspect_shards(spec, cfg, limit: int | None = None, progress: bool = True) -> dict:
     """Iterate `spec` once with the run's preprocessing and batching; returns the report dict."""
-    from gemma_fusion.data.pipeline import make_loader
-
-    data = cfg.data
-    loader = make_loader(spec, preprocessor_from_config(cfg), data.batch_size, num_workers=0, shuffle=0,
-                         seed=cfg.seed, resampled=False, bucket_batches=data.get("bucket_batches", 1),
-                         pack_length=data.get("pack_length", 0), max_batch_tokens=data.get("max_batch_tokens"),
-                         allow_pipe=data.get("allow_pipe", False))
+    # training's batching (bucketing, packing, token budget), each sample once, in order, every bad one counted
+    data = replace(data_config(cfg.data), num_workers=0, shuffle_buffer=0, resampled=False, cache_gb=0.0,
+                   max_train_shards=None, max_bad_fraction=1.0)
+    loader = make_loader(data, preprocessor_from_config(cfg), train=True, spec=spec, seed=cfg.seed)
     per_kind: dict[str, list[int]] = {kind: [] for kind in KINDS}
     tasks: dict[str, int] = {}
     real = slots = batches = 0
@@ -97,8 +100,8 @@ def inspect_shards(spec, cfg, limit: int | None = None, progress: bool = True) -
         "tokens": {kind: _distribution(values) for kind, values in per_kind.items()},
         "batches": batches,
         "padding_fraction": round(1 - real / slots, 4) if slots else 0.0,
-        "batching": {"batch_size": data.batch_size, "bucket_batches": data.get("bucket_batches", 1),
-                     "pack_length": data.get("pack_length", 0), "max_batch_tokens": data.get("max_batch_tokens")},
+        "batching": {"batch_size": data.batch_size, "bucket_batches": data.bucket_batches,
+                     "pack_length": data.pack_length, "max_batch_tokens": data.max_batch_tokens},
     }
 
 
@@ -113,19 +116,22 @@ def print_report(report: dict) -> None:
     print(f"batches: {report['batches']}   padding fraction: {report['padding_fraction']:.4f}   ({report['batching']})")
 
 
+@dataclass
+class InspectOptions:
+    """Run shards through the exact training preprocessing and batching; report what training would see."""
+
+    spec: str = option(help="shards: a directory, glob, brace pattern or URL (anything data.train takes)",
+                       positional=True, metavar="SPEC")
+    json: bool = option(False, "end with one JSON line")
+    limit: int | None = option(None, "stop after about this many samples (null: all)")
+    overrides: list[str] = option(help="train.yaml overrides, e.g. data.image_tokens=280 (as train.py takes them)",
+                                  rest=True, metavar="train.yaml overrides")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m gemma_fusion.data.inspect", description=__doc__.splitlines()[0])
-    parser.add_argument("spec", help="shards: a directory, glob, brace pattern or URL")
-    parser.add_argument("overrides", nargs="*", help="train.yaml overrides, e.g. data.image_tokens=280")
-    parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    parser.add_argument("--limit", type=int, default=None, help="stop after about this many samples")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_cli(InspectOptions, argv, prog="python -m gemma_fusion.data.inspect")
 
     def run() -> dict:
-        from hydra import compose, initialize_config_dir
-
-        from gemma_fusion.core.config import CONFIG_DIR, check_cli_overrides
-
         check_cli_overrides("train", args.overrides)
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("train", overrides=args.overrides)
@@ -142,8 +148,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _exists(path) -> bool:
-    from pathlib import Path
-
     return (Path(path) / "config.json").is_file()
 
 

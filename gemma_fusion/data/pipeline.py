@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,8 @@ from gemma_fusion.data.sequence import build_sequence
 from gemma_fusion.data.sources import ShardStream, mix, mixture_components, resolve_shards, warn_if_too_few_shards
 from gemma_fusion.data.sources import worker_info
 from gemma_fusion.data.state import DataStats, StreamState, check_bad_fraction
-from gemma_fusion.core.errors import BadSample, UserError
+from gemma_fusion.core.errors import BadSample
+from gemma_fusion.core.schema import DataConfig, check, data_config
 
 __all__ = ["IMAGE_EXTS", "AUDIO_EXTS", "SamplePreprocessor", "MemoryCache", "make_loader", "preprocessor_for",
            "run_preprocessor", "resolve_shards"]
@@ -151,12 +152,12 @@ def shuffled(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Itera
 
 
 class SampleStream(torch.utils.data.IterableDataset):
-    """Batches from shard specs; see `make_loader` for the arguments."""
+    """Batches from shard specs; `make_loader` sets every argument from the data config (meanings: there)."""
 
-    def __init__(self, spec, preprocess, batch_size: int, shuffle: int = 0, seed: int = 0, resampled: bool = False,
-                 bucket_batches: int = 1, pack_length: int = 0, max_batch_tokens: int | None = None,
-                 state: StreamState | None = None, allow_pipe: bool = False, split_by_rank: bool = True,
-                 max_shards: int | None = None, max_bad_fraction: float | None = None, bad_check_after: int = 200):
+    def __init__(self, spec, preprocess, *, batch_size: int, shuffle: int, seed: int, resampled: bool,
+                 bucket_batches: int, pack_length: int, max_batch_tokens: int | None, state: StreamState | None,
+                 allow_pipe: bool, split_by_rank: bool, max_shards: int | None, max_bad_fraction: float | None,
+                 bad_check_after: int):
         super().__init__()
         self.components = [(resolve_shards(s, allow_pipe)[:max_shards], w) for s, w in mixture_components(spec)]
         self.preprocess, self.shuffle, self.seed, self.resampled = preprocess, shuffle, seed, resampled
@@ -214,51 +215,46 @@ class SampleStream(torch.utils.data.IterableDataset):
         return inner.tokens.pad
 
 
-def make_loader(
-    spec,
-    preprocess: SamplePreprocessor,
-    batch_size: int,
-    num_workers: int = 0,
-    shuffle: int = 0,
-    seed: int = 0,
-    resampled: bool = False,
-    bucket_batches: int = 1,
-    cache_gb: float = 0,
-    pack_length: int = 0,
-    max_batch_tokens: int | None = None,
-    state: StreamState | None = None,
-    allow_pipe: bool = False,
-    world_size: int = 1,
-    split_by_rank: bool = True,
-    max_shards: int | None = None,
-    max_bad_fraction: float | None = None,
-    bad_check_after: int = 200,
-) -> torch.utils.data.DataLoader:
-    """A DataLoader over shards; `resampled=True` streams forever (training), otherwise epoch by epoch.
+def make_loader(data: DataConfig | Mapping, preprocess: SamplePreprocessor, *, train: bool, spec=None, seed: int = 0,
+                state: StreamState | None = None, world_size: int = 1,
+                split_by_rank: bool = True) -> torch.utils.data.DataLoader:
+    """A DataLoader over shards, set up by the data config `data` (a `DataConfig`, or the composed `cfg.data` /
+    a run's saved `data` node, converted by `data_config`); its values are checked against the schema's rules.
 
-    The stream is a function of `seed`, the epoch and the (node, worker) slot: shards are dealt out with
-    a seeded generator and the sample shuffle buffer is seeded too, so a rerun sees the same batches.
-    `bucket_batches`, `pack_length`, `max_batch_tokens`: see `batching`. `cache_gb > 0` keeps preprocessed
-    samples in RAM (`MemoryCache`). `state`: a `StreamState` for exact resume (epoch-based streams skip the
-    samples it has marked). Each batch carries `meta` (one entry per sample), `stats` (the loader
-    process's ok / skipped counts so far in this epoch) and `position` (the reader layout: world size, workers).
-    `split_by_rank=False`: this process reads every shard even under DDP (one rank evaluating all of val).
-    `max_shards`: only the first N shards of each spec (in sorted order): a smaller data set, e.g. for scaling.
-    `max_bad_fraction`: once `bad_check_after` samples were read, more bad ones than this share stop the
-    stream with one sentence (data where nothing passes would otherwise never form a batch).
+    `train=True` reads `spec` (default `data.train`) as training does: `data.batch_size` per batch,
+    `shuffle_buffer`, `resampled` (streams forever), `bucket_batches` / `pack_length` / `max_batch_tokens` (see
+    `batching`), `cache_gb` (`MemoryCache`), the first `max_train_shards` shards, and `max_bad_fraction` of bad
+    samples, counted once `bad_check_after` were read, stops the stream with one sentence (data where nothing
+    passes would otherwise never form a batch). `train=False` reads `spec` (default `data.val`) as evaluation does:
+    `data.eval_batch_size` per batch, each sample once in shard order, no packing, every bad sample counted.
+    Both use `data.num_workers` loader processes and `data.allow_pipe`.
+
+    The stream is a function of `seed`, the epoch and the (node, worker) slot: shards are dealt out with a seeded
+    generator and the shuffle buffer is seeded too, so a rerun sees the same batches. `state`: a `StreamState`
+    for exact resume (epoch-based streams skip the samples it has marked). Each batch carries `meta` (one entry
+    per sample), `stats` (the loader process's ok / skipped counts so far in this epoch) and `position` (the
+    reader layout: world size, workers). `split_by_rank=False`: this process reads every shard even under DDP
+    (one rank evaluating all of val). `world_size`: for the too-few-shards warning.
     """
-    if batch_size < 1:  # (batching would wait forever for an empty batch to fill)
-        raise UserError(f"A batch size of {batch_size} holds no sample; set data.batch_size / data.eval_batch_size "
-                        "(eval.py: data.batch_size) to 1 or more.")
-    if cache_gb > 0:
-        preprocess = MemoryCache(preprocess, cache_gb)
-    dataset = SampleStream(spec, preprocess, batch_size, shuffle, seed, resampled, bucket_batches, pack_length,
-                           max_batch_tokens, state, allow_pipe, split_by_rank, max_shards, max_bad_fraction,
-                           bad_check_after)
+    data = data_config(data)
+    check(data, DataConfig, "data")  # (a batch size of 0 would wait forever for an empty batch to fill)
+    if spec is None:
+        spec = data.train if train else data.val
+    preprocess = MemoryCache(preprocess, data.cache_gb) if train and data.cache_gb > 0 else preprocess
+    if train:
+        reading = dict(batch_size=data.batch_size, shuffle=data.shuffle_buffer, resampled=data.resampled,
+                       bucket_batches=data.bucket_batches, pack_length=data.pack_length,
+                       max_batch_tokens=data.max_batch_tokens, max_shards=data.max_train_shards,
+                       max_bad_fraction=data.max_bad_fraction, bad_check_after=data.bad_check_after)
+    else:  # each sample once, in shard order, every bad one counted and none stopping the pass
+        reading = dict(batch_size=data.eval_batch_size, shuffle=0, resampled=False, bucket_batches=1, pack_length=0,
+                       max_batch_tokens=None, max_shards=None, max_bad_fraction=None, bad_check_after=0)
+    dataset = SampleStream(spec, preprocess, seed=seed, state=state, allow_pipe=data.allow_pipe,
+                           split_by_rank=split_by_rank, **reading)
     for urls, _ in dataset.components:
-        warn_if_too_few_shards(urls, num_workers, world_size, f"data spec {str(spec)[:80]}")
-    return ResumableLoader(dataset, batch_size=None, num_workers=num_workers,
-                           persistent_workers=num_workers > 0 and resampled)
+        warn_if_too_few_shards(urls, data.num_workers, world_size, f"data spec {str(spec)[:80]}")
+    return ResumableLoader(dataset, batch_size=None, num_workers=data.num_workers,
+                           persistent_workers=data.num_workers > 0 and dataset.resampled)
 
 
 class ResumableLoader(torch.utils.data.DataLoader):
@@ -282,7 +278,9 @@ class ResumableLoader(torch.utils.data.DataLoader):
 def preprocessor_for(model, image_tokens: int, audio_max_seconds: float | None = None,
                      max_length: int | None = None, jpeg_draft: bool = False,
                      max_image_megapixels: float = MAX_MEGAPIXELS) -> SamplePreprocessor:
-    """The preprocessing that matches `model`'s projectors (patch size, pooling, frame length)."""
+    """The preprocessing that matches `model`'s projectors: it reads only the geometry of the projector contract
+    (gemma_fusion/models/projectors/base.py), by name, since data/ never imports models/: `model.vision`'s
+    `patch_size` and `pooling_kernel_size`, `model.audio`'s `frame_dim`, and `model.tokenizer` / `model.tokens`."""
     image = audio = None
     if model.vision is not None:
         image = ImagePreprocessor(image_tokens, model.vision.patch_size, model.vision.pooling_kernel_size, jpeg_draft,

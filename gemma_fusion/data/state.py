@@ -17,6 +17,7 @@ import tarfile
 from collections import Counter
 
 from gemma_fusion.core.errors import UserError
+from gemma_fusion.data.sources import worker_info
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,6 @@ class DataStats:
 
     def snapshot(self, epoch: int = 0) -> dict:
         """This process's counts so far in this epoch (each epoch counts afresh), keyed by epoch, rank and worker."""
-        from gemma_fusion.data.sources import worker_info
-
         rank, _, worker, _ = worker_info()
         return {"source": f"{epoch}/{rank}/{worker}", "ok": self.ok, "skipped": dict(self.skipped)}
 

@@ -1,6 +1,7 @@
 """Manifest (JSON lines) -> validated webdataset tar shards + index.json, the loader's input.
 
     python -m gemma_fusion.data.write_shards --manifest raw/manifest.jsonl --out data/shards
+    python -m gemma_fusion.data.write_shards --help    # every key (also as key=value: manifest=M out=O)
 
 Every referenced file is decoded once with the loader's own `load_image` / `load_audio`, so broken,
 oversized and empty media are caught here and not mid-training; the original bytes are stored.
@@ -9,7 +10,6 @@ directory next to the output and renamed into place at the end. See docs/DATA.md
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -30,6 +30,7 @@ from tqdm import tqdm
 from gemma_fusion.data.audio import load_audio
 from gemma_fusion.data.image import load_image
 from gemma_fusion.data.pipeline import AUDIO_EXTS, IMAGE_EXTS
+from gemma_fusion.core.cli import option, parse_cli
 from gemma_fusion.core.errors import BadSample, UserError
 
 # Rejection tags, in the order the checks run: a row is rejected with the first that fails.
@@ -342,26 +343,30 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--manifest", required=True, type=Path, help="JSON lines: id, image, audio, prompt, target")
-    parser.add_argument("--out", required=True, type=Path, help="output directory for the shards and index.json")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar (default 1000)")
-    size.add_argument("--shard-bytes", type=int, help="largest tar size in bytes (a bigger sample gets its own tar)")
-    parser.add_argument("--strict", action="store_true", help="any bad row: write nothing and exit 1")
-    parser.add_argument("--allow-outside", action="store_true", help="accept paths outside the manifest's directory")
-    parser.add_argument("--workers", type=int, help="decoding processes (default min(4, CPUs))")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    return parser
+@dataclass
+class WriteShardsOptions:
+    """Manifest (JSON lines) -> validated webdataset tar shards + index.json, the loader's input."""
+
+    manifest: Path = option(help="JSON lines: id, image, audio, prompt, target", metavar="FILE")
+    out: Path = option(help="output directory for the shards and index.json", metavar="DIR")
+    samples_per_shard: int | None = option(None, "samples per tar (null: 1000, or shard_bytes decides)")
+    shard_bytes: int | None = option(None, "largest tar size in bytes (a bigger sample gets its own tar)")
+    strict: bool = option(False, "any bad row: write nothing and exit 1")
+    allow_outside: bool = option(False, "accept paths outside the manifest's directory")
+    workers: int | None = option(None, "decoding processes (null: min(4, CPUs))")
+    overwrite: bool = option(False, "replace a non-empty out")
+
+    def validate(self) -> None:
+        if self.samples_per_shard is not None and self.shard_bytes is not None:
+            raise UserError("pass --samples-per-shard or --shard-bytes, not both.")
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI; the last stdout line is the JSON summary. Exit 0, 1 (--strict and a bad row) or 2 (usage)."""
-    args = _parser().parse_args(argv)
+    args = parse_cli(WriteShardsOptions, argv, prog="python -m gemma_fusion.data.write_shards")
+    per_shard = 1000 if args.samples_per_shard is None else args.samples_per_shard
     try:
-        summary = write_shards(args.manifest, args.out, args.samples_per_shard, args.shard_bytes, args.strict,
+        summary = write_shards(args.manifest, args.out, per_shard, args.shard_bytes, args.strict,
                                args.allow_outside, args.workers, args.overwrite)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -18,8 +18,7 @@ import random
 import statistics
 from pathlib import Path
 
-import yaml
-
+from gemma_fusion.artifacts.rundir import RunDir
 from gemma_fusion.core.errors import UserError
 
 BOOTSTRAP_SAMPLES = 2000
@@ -27,8 +26,8 @@ IGNORED_OVERRIDES = ("hydra.", "data.train=", "data.val=", "data.eval=")
 
 
 def read_records(run_dir: Path) -> dict[str, dict]:
-    """RUN/eval_predictions.jsonl keyed by sample key."""
-    lines = (run_dir / "eval_predictions.jsonl").read_text().splitlines()
+    """The run's per-sample evaluation records (`RunDir.predictions`) keyed by sample key."""
+    lines = RunDir(run_dir).predictions.read_text().splitlines()
     return {r["key"]: r for r in map(json.loads, filter(None, lines))}
 
 
@@ -36,8 +35,7 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
     """What tells the runs apart: the command-line overrides they do not share (else the directory name)."""
     overrides = []
     for run_dir in run_dirs:
-        path = run_dir / ".hydra" / "overrides.yaml"
-        found = yaml.safe_load(path.read_text()) if path.is_file() else None
+        found = RunDir(run_dir).read_overrides()
         overrides.append([o for o in found or [] if not o.startswith(IGNORED_OVERRIDES)])
     common = set.intersection(*map(set, overrides)) if overrides else set()
     labels = [" ".join(sorted(o for o in ov if o not in common)) for ov in overrides]
@@ -45,11 +43,10 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
 
 
 def cost_of(run_dir: Path) -> dict:
-    """Trainable parameters, soft tokens and forward FLOPs per sample from RUN/compute.json ({} if absent)."""
-    path = run_dir / "compute.json"
-    if not path.is_file():
+    """Trainable parameters, soft tokens and forward FLOPs per sample from the run's compute report ({} if absent)."""
+    compute = RunDir(run_dir).read_compute()
+    if compute is None:
         return {}
-    compute = json.loads(path.read_text())
     flops = compute["forward_flops_per_sample"]
     return {"trainable_params": sum(p["trainable"] for p in compute["parameters"].values()),
             "tokens_per_image": compute["tokens"]["per_image"],

@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from gemma_fusion.artifacts.rundir import RunDir
+from gemma_fusion.core.schema import data_config
 from gemma_fusion.eval.metrics import score
 from gemma_fusion.inference.generate import greedy_generate
 from gemma_fusion.core.batch import IGNORE_INDEX
+from gemma_fusion.data.pipeline import make_loader, run_preprocessor
 from gemma_fusion.models.fusion import FusionModel
 
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_position_ids", "input_features",
@@ -75,14 +79,14 @@ def print_table(result: dict) -> None:
 
 def evaluate_into(run_dir: str | Path, model: FusionModel, data, spec=None, batch_size: int | None = None,
                   max_new_tokens: int = 16) -> dict:
-    """Evaluate on `spec` (default `data.val`) with the run's preprocessing; write RUN/eval.json, print a table."""
-    from gemma_fusion.data.pipeline import make_loader, run_preprocessor
-
-    run_dir = Path(run_dir)
+    """Evaluate on `spec` (default `data.val`) with the run's preprocessing; write `RunDir.eval` (and the per-sample
+    `RunDir.predictions`), print a table."""
+    run = RunDir(run_dir)
     preprocess = run_preprocessor(model, data, skip_long=False)
-    loader = make_loader(spec or data.val, preprocess, batch_size or data.eval_batch_size, data.num_workers,
+    reading = replace(data_config(data), eval_batch_size=batch_size) if batch_size else data
+    loader = make_loader(reading, preprocess, train=False, spec=spec or None,
                          split_by_rank=False)  # one process evaluates all of it, also inside a DDP run
-    result = evaluate(model, loader, max_new_tokens, predictions_path=run_dir / "eval_predictions.jsonl")
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    result = evaluate(model, loader, max_new_tokens, predictions_path=run.predictions)
+    run.write_eval(result)
     print_table(result)
     return result

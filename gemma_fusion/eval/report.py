@@ -17,7 +17,6 @@ the usual forward + backward estimate.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -27,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from gemma_fusion.artifacts.rundir import RunDir, SweepDir
 
 IGNORED_OVERRIDES = ("seed=", "experiment=", "hydra.", "data.train=", "data.val=", "backbone.path=")
 
@@ -57,8 +58,8 @@ def design_of(overrides: list[str], common: set[str]) -> str:
 
 def load_run(path: Path) -> Run | None:
     """One finished run of the sweep, or None (and a note on stderr) if its files are incomplete."""
-    needed = [path / ".hydra" / "overrides.yaml", path / "config.yaml", path / "compute.json",
-              path / "metrics.csv", path / "eval.json"]
+    run = RunDir(path)
+    needed = [run.overrides, run.config, run.compute, run.metrics, run.eval]
     missing = [p.name for p in needed if not p.is_file()]
     if missing:
         print(f"report: skipping {path} (no {', '.join(missing)}: not finished?)", file=sys.stderr)
@@ -76,11 +77,12 @@ def load_run(path: Path) -> Run | None:
 
 def load_sweep(sweep_dir: Path) -> tuple[dict[str, list[Run]], list[str]]:
     """(runs of the sweep grouped by design in the order the sweep ran them, the overrides all runs share)."""
-    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()),
-                  key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else p.name))
+    jobs = [job.root for job in SweepDir(sweep_dir).jobs()]
     runs = [run for run in map(load_run, jobs) if run is not None]
     if not runs:
-        raise SystemExit(f"report: no finished runs under {sweep_dir} (expected <n>/.hydra, compute.json, eval.json)")
+        layout = RunDir("<n>")
+        raise SystemExit(f"report: no finished runs under {sweep_dir} (expected {layout.hydra}, "
+                         f"{layout.compute.name}, {layout.eval.name})")
     common = set.intersection(*(set(r.overrides) for r in runs)) if len(runs) > 1 else set()
     groups: dict[str, list[Run]] = {}
     for run in runs:
@@ -167,7 +169,7 @@ def power_law_fit(compute: list[float], loss: list[float]) -> dict:
     residual = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
     total = sum((y - my) ** 2 for y in ys)
     se = math.sqrt(residual / (n - 2) / sxx) if n > 2 else float("inf")
-    from scipy.stats import t
+    from scipy.stats import t  # scipy loads in seconds: only when a fit is asked for
 
     half = t.ppf(0.975, n - 2) * se
     return {"a": math.exp(a), "b": b, "b_low": b - half, "b_high": b + half,
@@ -183,7 +185,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def plot_loss_curves(groups: dict[str, list[Run]], path: Path) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use('Agg') in write_report; slow to import
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for design, runs in groups.items():
@@ -199,7 +201,7 @@ def plot_loss_curves(groups: dict[str, list[Run]], path: Path) -> None:
 
 
 def plot_metric_vs_compute(rows: list[dict], path: Path) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use('Agg') in write_report; slow to import
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for row in rows:
@@ -215,7 +217,7 @@ def plot_metric_vs_compute(rows: list[dict], path: Path) -> None:
 
 
 def plot_scaling(groups: dict[str, list[Run]], fit: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use('Agg') in write_report; slow to import
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for design, runs in groups.items():
@@ -233,17 +235,18 @@ def plot_scaling(groups: dict[str, list[Run]], fit: dict, path: Path) -> None:
 def write_report(sweep_dir: str | Path, fit: bool | None = None) -> Path:
     """Write DIR/report.md and the plots; returns the report's path. `fit=None`: fit a power law when the
     sweep is `experiment=scaling`."""
-    import matplotlib
+    import matplotlib  # slow to import: only when a report is written
 
     matplotlib.use("Agg")
     sweep_dir = Path(sweep_dir)
+    sweep = SweepDir(sweep_dir)
     groups, common = load_sweep(sweep_dir)
     rows = summarise(groups)
     runs = [r for rs in groups.values() for r in rs]
     if fit is None:
         fit = any(o == "experiment=scaling" for r in runs for o in r.overrides)
-    plot_loss_curves(groups, sweep_dir / "loss_curves.png")
-    plot_metric_vs_compute(rows, sweep_dir / "metric_vs_compute.png")
+    plot_loss_curves(groups, sweep.loss_curves)
+    plot_metric_vs_compute(rows, sweep.metric_vs_compute)
     lines = [f"# Sweep report: {sweep_dir}", "",
              f"{len(runs)} runs, {len(groups)} designs; mean ± std over seeds. Reproduce: "
              f"`python -m gemma_fusion.report {sweep_dir}`. Overrides of every run: "
@@ -261,23 +264,15 @@ def write_report(sweep_dir: str | Path, fit: bool | None = None) -> Path:
             f"| {_fmt(row['training_flops'], scientific=True)} | {_fmt(row['final_loss'])} | {_fmt(row['eval_loss'])} "
             f"| {_fmt(row['em'])} | {_fmt(row['em_image'])} | {_fmt(row['em_audio'])} |")
     lines += ["", *verdict(rows)]
-    lines += ["", "![training loss](loss_curves.png)", "", "![exact match against compute](metric_vs_compute.png)"]
+    lines += ["", f"![training loss]({sweep.loss_curves.name})", "",
+              f"![exact match against compute]({sweep.metric_vs_compute.name})"]
     if fit:
         result = power_law_fit([r.training_flops for r in runs], [r.evaluation["overall"]["loss"] for r in runs])
-        plot_scaling(groups, result, sweep_dir / "scaling.png")
+        plot_scaling(groups, result, sweep.scaling)
         lines += ["", f"Power law over {result['n']} runs: held-out loss = {result['a']:.4g} × C^{result['b']:.4f} "
                       f"(exponent 95 % CI {result['b_low']:.4f} … {result['b_high']:.4f}, R² {result['r2']:.3f}).",
-                  "", "![scaling](scaling.png)"]
-    path = sweep_dir / "report.md"
+                  "", f"![scaling]({sweep.scaling.name})"]
+    path = sweep.report
     path.write_text("\n".join(lines) + "\n")
     return path
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gemma_fusion.report", description=__doc__.split("\n")[0])
-    parser.add_argument("sweep_dir", type=Path, help="a hydra.sweep.dir of `python train.py -m ...`")
-    parser.add_argument("--fit", action="store_true", default=None, help="fit a power law to loss against compute")
-    args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        raise SystemExit(f"report: {args.sweep_dir} is not a directory; pass the hydra.sweep.dir of a sweep.")
-    print(write_report(args.sweep_dir, args.fit))

@@ -29,7 +29,6 @@ The directory is built next to OUT and renamed into place at the end: a failed e
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -44,9 +43,13 @@ from gemma_fusion.core.files import staged_directory
 from gemma_fusion.models.backbone import DTYPES, meta_model, module_paths, read_backbone_spec, remote_code_options
 
 from gemma_fusion.artifacts.export import FORMAT, GEMMA4_EMBEDDERS, check_loaded
+from gemma_fusion.artifacts.rundir import ExportDir
+from gemma_fusion.models.quant import QuantizedLinear, quantize_frozen
+from gemma_fusion.models.lora import merge_lora
+from gemma_fusion.artifacts.load import load_run
+from gemma_fusion.models.backbone import full_model_class
 log = logging.getLogger(__name__)
 QUANTS = ("none", "int8", "int4")
-NATIVE_DESIGNS = {"vision": "PatchEmbedder", "audio": "AudioFrameProjector"}  # = Gemma 4's embed_vision / embed_audio
 COPIED_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json",
                 "chat_template.jinja", "chat_template.json", "pretrain.json")
 
@@ -54,10 +57,6 @@ COPIED_FILES = ("generation_config.json", "preprocessor_config.json", "processor
 def export_run(run_dir: str | Path, out_dir: str | Path, quant: str = "none", group_size: int = 64,
                overwrite: bool = False, dtype: str | None = None, trust_remote_code: bool = False) -> Path:
     """Write the export directory (see the module docstring) and return its path."""
-    from gemma_fusion.models.quant import QuantizedLinear, quantize_frozen
-    from gemma_fusion.models.lora import merge_lora
-    from gemma_fusion.artifacts.load import load_run
-
     if quant not in QUANTS:
         raise UserError(f"export: quant={quant} is not one of {', '.join(QUANTS)}.")
     out_dir = Path(out_dir).expanduser().absolute()
@@ -114,17 +113,18 @@ def export_run(run_dir: str | Path, out_dir: str | Path, quant: str = "none", gr
             "native_projectors": native, "quantized": quantized, "config": run_cfg}
 
     with staged_directory(out_dir) as tmp:  # a failed export leaves no partial OUT
+        staged = ExportDir(tmp)
         if quant == "none":
             full.save_pretrained(tmp)
         else:  # the module names; load_export rebuilds the quantised layers from them
             config.save_pretrained(tmp)
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        save_file(projectors, str(tmp / "projectors.safetensors"), metadata={"format": "pt"})
+            save_file(tensors, str(staged.model), metadata={"format": "pt"})
+        save_file(projectors, str(staged.projectors), metadata={"format": "pt"})
         model.tokenizer.save_pretrained(tmp)
         for name in COPIED_FILES:
             if (backbone_dir / name).is_file():
                 shutil.copy2(backbone_dir / name, tmp / name)
-        (tmp / "export.json").write_text(json.dumps(meta, indent=2))
+        staged.write_meta(meta)
     log.info("exported %s -> %s (quant=%s, LoRA merged: %s)", run_dir, out_dir, quant, merged)
     return out_dir
 
@@ -155,7 +155,7 @@ def gemma4_embedders(model, full: nn.Module, backbone_dir: Path, tensors: dict) 
         projector = getattr(model, part)
         state = {} if projector is None else projector.state_dict()
         slot = full.get_submodule(prefix.rstrip("."))  # the checkpoint's own embedder, on the meta device
-        native[part] = (type(projector).__name__ == NATIVE_DESIGNS[part]
+        native[part] = (projector is not None and projector.gemma4_native  # the projector contract says so
                         and {k: v.shape for k, v in slot.state_dict().items()} == {k: v.shape for k, v in state.items()})
         if not native[part]:
             base = base if base is not None else base_embedders(backbone_dir, model.backbone.dtype)
@@ -165,8 +165,6 @@ def gemma4_embedders(model, full: nn.Module, backbone_dir: Path, tensors: dict) 
 
 
 def base_embedders(backbone_dir: Path, dtype: torch.dtype) -> dict[str, dict]:
-    from gemma_fusion.models.backbone import full_model_class
-
     base = full_model_class("gemma4_unified").from_pretrained(backbone_dir, dtype=dtype, use_safetensors=True,
                                                               trust_remote_code=False)
     return {part: getattr(base.model, f"embed_{part}").state_dict() for part in GEMMA4_EMBEDDERS

@@ -38,21 +38,20 @@ max_context is the largest S whose total fits, at most max_position_embeddings.
 from __future__ import annotations
 
 import copy
-import json
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from gemma_fusion.core.errors import UserError
+from gemma_fusion.inference.presets import preset_config, preset_names
+from transformers import AutoConfig
+from gemma_fusion.models.backbone import meta_model
+from gemma_fusion.models.flops import decoder_layers
+from gemma_fusion.models.quant import QuantizedLinear, quantize_frozen, tensor_bytes
 
 QUANTS = ("bf16", "int8", "int4")
-TYPES = dict(backbone=(str, "gemma4_12b"), quant=(str, "int4"), gpu_gb=(float, 16), context=(int, 8192),
-             image_tokens=(int, 280), audio_seconds=(float, 30), quant_group_size=(int, 64),
-             prefill_chunk=(int, 0))  # CLI: key=value
-POSITIVE = ("gpu_gb", "quant_group_size")
 DTYPE_BYTES = 2  # bf16 weights, activations and KV cache
 FIXED_WORKSPACE = 2**30  # CUDA context + cuBLAS workspace + allocator slack (assumption)
 PREFILL_CHUNK = 0  # tokens per prefill step; 0 = the whole prompt in one pass, as gemma_fusion.inference.generate does
@@ -62,8 +61,6 @@ GIB = 2**30
 
 def load_config(backbone: str):
     """A preset's config, or the config.json of a checkpoint directory (read with AutoConfig)."""
-    from gemma_fusion.inference.presets import preset_config, preset_names
-
     config = preset_config(backbone)
     if config is not None:
         return config
@@ -71,8 +68,6 @@ def load_config(backbone: str):
     if not (path / "config.json").is_file():
         raise UserError(f"backbone={backbone} is neither a preset ({', '.join(preset_names())}) nor a checkpoint "
                         "directory holding a config.json.")
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as err:
@@ -81,8 +76,6 @@ def load_config(backbone: str):
 
 def _meta_model(config):
     """(whole model, decoder) on the meta device, in bf16: shapes and dtypes without memory."""
-    from gemma_fusion.models.backbone import meta_model
-
     try:
         model = meta_model(copy.deepcopy(config), torch.bfloat16)
     except ValueError as err:
@@ -123,8 +116,6 @@ class CacheLayer:
 def cache_layers(text_config) -> list[CacheLayer]:
     """One CacheLayer per decoder layer, from the layer shapes the FLOP count uses (models/flops.py): a layer
     without K/V projections reuses another's cache, one with a window keeps that many positions."""
-    from gemma_fusion.models.flops import decoder_layers
-
     try:
         shapes = decoder_layers(text_config)
     except ValueError as err:  # a layer type that is neither sliding nor full attention
@@ -138,8 +129,6 @@ class MemoryPlanner:
     """Weights (exact), KV cache (exact), activations and workspace (estimates) of one backbone and quantisation."""
 
     def __init__(self, config, quant: str = "bf16", group_size: int = 64, prefill_chunk: int = PREFILL_CHUNK):
-        from gemma_fusion.models.quant import QuantizedLinear, quantize_frozen, tensor_bytes
-
         if quant not in QUANTS:
             raise UserError(f"quant={quant} is not supported; choose one of {', '.join(QUANTS)}.")
         self.config, self.quant, self.prefill_chunk = config, quant, prefill_chunk
@@ -256,47 +245,3 @@ def format_plan(p: dict) -> str:
                  "largest dequantised Linear (int8/int4); GB read as GiB")
     return "\n".join(lines)
 
-
-def parse_args(argv: list[str]) -> tuple[dict, bool]:
-    """key=value arguments -> make_plan keyword arguments, and whether --json was given."""
-    kwargs, as_json = {}, False
-    for arg in argv:
-        if arg == "--json":
-            as_json = True
-            continue
-        key, sep, value = arg.partition("=")
-        if not sep or key not in TYPES:
-            raise UserError(f"unknown argument '{arg}'; valid are {', '.join(k + '=...' for k in TYPES)} and --json.")
-        kind, example = TYPES[key]
-        try:
-            kwargs[key] = kind(value)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise UserError(f"{key}={value} is not {what}; pass e.g. {key}={example}.") from None
-        number = kwargs[key]
-        if kind is not str and not (math.isfinite(number) and (number > 0 if key in POSITIVE else number >= 0)):
-            bound = "positive" if key in POSITIVE else "zero or more"
-            raise UserError(f"{key}={value} is out of range; it must be {bound}, e.g. {key}={example}.")
-    if kwargs.get("quant", "bf16") not in QUANTS:
-        raise UserError(f"quant={kwargs['quant']} is not supported; choose one of {', '.join(QUANTS)}.")
-    if kwargs.get("quant_group_size", 64) % 2:
-        raise UserError(f"quant_group_size={kwargs['quant_group_size']} must be even (int4 packs two values per byte).")
-    kwargs.setdefault("backbone", "gemma4_12b")
-    return kwargs, as_json
-
-
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        sys.exit(0)
-    try:
-        kwargs, as_json = parse_args(argv)
-        plan = make_plan(**kwargs)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(format_plan(plan))
-    if as_json:
-        print(json.dumps({k: v for k, v in plan.items() if k != "kv_layers"}))
-    return plan

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gemma4UnifiedForConditionalGeneration
 from transformers.masking_utils import create_masks_for_generate, packed_sequence_mask_function
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -240,8 +241,6 @@ def gemma4_spec(config, tokenizer=None) -> BackboneSpec:
 def full_model_class(model_type: str):
     """The transformers class a checkpoint of `model_type` loads as (the whole model, not only the decoder)."""
     if model_type == "gemma4_unified":
-        from transformers import Gemma4UnifiedForConditionalGeneration
-
         return Gemma4UnifiedForConditionalGeneration
     return AutoModelForCausalLM
 
@@ -276,10 +275,22 @@ def load_backbone(path: str | Path, dtype: str = "float32", attn_implementation:
     if dtype not in DTYPES:
         raise UserError(f"backbone.dtype={dtype} is not supported; choose one of {sorted(DTYPES)}.")
     spec = read_backbone_spec(path, trust_remote_code, revision)
+    check_not_quantized_export(path)
     full = full_model_class(spec.model_type).from_pretrained(
         path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation)
     return split_full_model(full, spec)
+
+
+def check_not_quantized_export(path: Path) -> None:
+    """A quantised `gemma_fusion.export` stores its int8 / int4 Linear layers as `P.qweight` + `P.scale`, which
+    transformers cannot load: one sentence instead of its missing-weights warning (read from the headers only)."""
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as weights:
+            if any(key.endswith(".qweight") for key in weights.keys()):
+                raise UserError(f"{path} is a quantised gemma_fusion export (int8 / int4 weights in {file.name}); "
+                                "load it with gemma_fusion.export.load_export(path) or python -m gemma_fusion.infer "
+                                "run=PATH.")
 
 
 def split_full_model(full: nn.Module, spec: BackboneSpec) -> LoadedBackbone:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from omegaconf import DictConfig
+from torch.utils.checkpoint import checkpoint
 
 from gemma_fusion.models.backbone import load_backbone, remote_code_options
 from gemma_fusion.core.errors import UserError
@@ -16,7 +18,8 @@ from gemma_fusion.models.trainable import set_trainable
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: DictConfig) -> FusionModel:
+def build_model(cfg: DictConfig, saved: bool = False) -> FusionModel:
+    """The model `cfg` describes, ready to train (`saved`: `cfg` is a trained run's config, loaded again)."""
     quant = cfg.backbone.get("quant") or "none"
     if quant != "none" and cfg.lora.get("merge"):
         raise UserError(f"lora.merge=true cannot fold adapters into a backbone.quant={quant} base (the merged weights "
@@ -25,7 +28,7 @@ def build_model(cfg: DictConfig) -> FusionModel:
                            **remote_code_options(cfg.backbone))
     model = FusionModel.from_loaded(loaded, cfg.model.get("vision"), cfg.model.get("audio"),
                                     bidirectional_image=cfg.model.bidirectional_image,
-                                    bidirectional_audio=cfg.model.bidirectional_audio)
+                                    bidirectional_audio=cfg.model.bidirectional_audio, saved=saved)
     if cfg.lora.get("r"):
         add_lora(loaded.backbone.decoder, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
                  cfg.lora.target_modules, cfg.lora.get("use_dora", False))
@@ -36,36 +39,7 @@ def build_model(cfg: DictConfig) -> FusionModel:
         checkpoint_layers(loaded.backbone.decoder)
     if cfg.model.get("compile"):
         compile_layers(loaded.backbone.decoder, cfg.model.get("compile_mode"))
-    if cfg.model.get("init_from"):
-        init_from_run(model, cfg.model.init_from)
     return model
-
-
-def init_from_run(model: FusionModel, run_dir) -> dict[str, int]:
-    """Start from an earlier run (a training stage): load its `final/trainable.safetensors` into every
-    trainable parameter that exists there with the same shape; returns and logs the counts per part."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from gemma_fusion.models.trainable import part_of
-
-    path = Path(run_dir).expanduser() / "final" / "trainable.safetensors"
-    if not path.is_file():
-        raise UserError(f"model.init_from={run_dir} has no final/trainable.safetensors; pass the directory of a "
-                        "finished earlier run (its hydra.run.dir).")
-    saved = load_file(str(path))
-    params = dict(model.named_parameters())
-    loaded: dict[str, int] = {}
-    for name, tensor in saved.items():
-        if name in params and params[name].shape == tensor.shape:
-            params[name].data.copy_(tensor)
-            loaded[part_of(name)] = loaded.get(part_of(name), 0) + tensor.numel()
-    if not loaded:
-        raise UserError(f"model.init_from={run_dir}: none of its {len(saved)} tensors fits this model "
-                        "(different projectors or backbone?).")
-    log.info("initialised from %s: %s", path, ", ".join(f"{part} {n:,} parameters" for part, n in loaded.items()))
-    return loaded
 
 
 def checkpoint_layers(decoder) -> int:
@@ -74,9 +48,6 @@ def checkpoint_layers(decoder) -> int:
     transformers only checkpoints layers of a model in train mode; the frozen backbone stays in eval
     mode (dropout off), so the layers' forward is wrapped here instead. Returns the number of layers.
     """
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
     layers = getattr(decoder, "layers", None)
     if layers is None:
         raise ValueError(f"{type(decoder).__name__} has no .layers to checkpoint; set model.gradient_checkpointing=false.")

@@ -7,7 +7,6 @@ largest tensor of a step), so `.logits` is [num_targets, V]; with `labels=None` 
 """
 from __future__ import annotations
 
-import json
 
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from torch import nn
 from gemma_fusion.core.batch import AUDIO, IGNORE_INDEX, IMAGE, LOADER_KEYS, PROCESSOR_KEYS, SpecialTokens
 from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.backbone import Backbone, LoadedBackbone, load_backbone
+from gemma_fusion.models.projectors.base import AudioProjector, VisionProjector
 from gemma_fusion.models.projectors.build import NATIVE, build_projector
 
 IGNORED_BATCH_KEYS = {*LOADER_KEYS, *PROCESSOR_KEYS}
@@ -50,19 +50,21 @@ class FusionModel(nn.Module):
     Args:
         backbone: the split, frozen language model.
         tokens: special token ids (markers and placeholders).
-        vision: image projector, `(pixel_values [N, P, D], position_ids [N, P, 2]) -> [N, P, H]`, or None.
-        audio: audio projector, `(frames [N, T, F]) -> [N, T, H]`, or None.
+        vision: a VisionProjector, `(pixel_values [N, P, patch_dim], position_ids [N, P, 2]) -> [N, P, H]`, or None.
+        audio: an AudioProjector, `(frames [N, T, frame_dim], mask [N, T]) -> [N, T, H]`, or None.
         bidirectional_image: image tokens attend to each other in both directions (Gemma 4).
         bidirectional_audio: the same inside each audio clip.
         tokenizer: kept for convenience (sequence building, decoding); not used in forward.
+    The projectors implement their modality's contract (gemma_fusion/models/projectors/base.py) with out_dim = H;
+    forward calls them as modules (not `soft_tokens`), so that a wrapper around one (FSDP) sees the call.
     """
 
     def __init__(
         self,
         backbone: Backbone,
         tokens: SpecialTokens,
-        vision: nn.Module | None = None,
-        audio: nn.Module | None = None,
+        vision: VisionProjector | None = None,
+        audio: AudioProjector | None = None,
         bidirectional_image: bool = True,
         bidirectional_audio: bool = False,
         tokenizer=None,
@@ -78,11 +80,17 @@ class FusionModel(nn.Module):
         # Run a projector on a dummy token when its modality is absent from a batch (training only), so every
         # process runs the same modules every step: FSDP's per-module collectives must match across ranks.
         self.run_idle_projectors = False
-        for name, proj in (("vision", vision), ("audio", audio)):
-            out = getattr(proj, "out_dim", None)
-            if out is not None and out != backbone.hidden_size:
+        for name, proj, contract in (("vision", vision, VisionProjector), ("audio", audio, AudioProjector)):
+            if proj is None:
+                continue
+            if not isinstance(proj, contract):
                 raise UserError(
-                    f"The {name} projector outputs width {out} but the backbone's hidden size is "
+                    f"The {name} projector {type(proj).__name__} does not implement the {name} projector contract; "
+                    f"subclass gemma_fusion.models.projectors.{contract.__name__} (see docs/PROJECTORS.md)."
+                )
+            if proj.out_dim != backbone.hidden_size:
+                raise UserError(
+                    f"The {name} projector outputs width {proj.out_dim} but the backbone's hidden size is "
                     f"{backbone.hidden_size}; set its out_dim to {backbone.hidden_size}."
                 )
 
@@ -92,23 +100,21 @@ class FusionModel(nn.Module):
         transformers' semantics (its embedders, its attention rules). A quantised or non-native export of
         `python -m gemma_fusion.export` loads with `gemma_fusion.export.load_export` instead. `kwargs`: see
         `from_loaded`."""
-        export = Path(path).expanduser() / "export.json"
-        if export.is_file() and json.loads(export.read_text()).get("quant", "none") != "none":
-            raise UserError(f"{path} is a quantised gemma_fusion export; load it with "
-                            "gemma_fusion.export.load_export(path) (or python -m gemma_fusion.infer run=PATH).")
         return cls.from_loaded(load_backbone(path, dtype=dtype), **kwargs)
 
     @classmethod
     def from_loaded(cls, loaded: LoadedBackbone, vision: Mapping | None | str = "native",
                     audio: Mapping | None | str = "native", *, bidirectional_image: bool | None = None,
-                    bidirectional_audio: bool = False, init_from_checkpoint: bool = True) -> "FusionModel":
+                    bidirectional_audio: bool = False, init_from_checkpoint: bool = True,
+                    saved: bool = False) -> "FusionModel":
         """The one place a FusionModel is assembled: a split transformers model (`backbone.load_backbone` /
         `split_full_model`) plus a projector per modality.
 
         `vision` / `audio`: a projector config node (`configs/model/vision/*.yaml`: `_target_` and arguments;
         `null` arguments take the checkpoint's values), None for no projector, or "native": the checkpoint's own
         embedder with its weights (Gemma 4 unified), none for a checkpoint without one. `init_from_checkpoint`:
-        False leaves every projector at its random init (its weights come from elsewhere, e.g. an export).
+        False leaves every projector at its random init (its weights come from elsewhere, e.g. an export). `saved`: the
+        projector configs are those of a run trained already (`build.filled_nulls`).
         `bidirectional_image` None: the checkpoint's own attention rule.
         """
         mm, hidden = loaded.multimodal, loaded.backbone.hidden_size
@@ -118,7 +124,7 @@ class FusionModel(nn.Module):
             native = isinstance(node, str) and node == "native"
             if native:  # the checkpoint's own design and arguments, if it has an embedder
                 node = {**NATIVE[name], **args} if state is not None else None
-            projector = build_projector(node, hidden, args, state if init_from_checkpoint else None, name)
+            projector = build_projector(node, hidden, args, state if init_from_checkpoint else None, name, saved)
             if native and projector is not None:
                 projector = projector.to(loaded.backbone.dtype)  # the checkpoint's embedder in the checkpoint's dtype
             parts[name] = projector
@@ -155,7 +161,7 @@ class FusionModel(nn.Module):
                 raise ValueError("The batch has images but the model has no vision projector (model/vision=none).")
             if not pixel_values.is_floating_point():  # uint8 from our loader: the processor's rescale, done here
                 pixel_values = pixels_to_unit(pixel_values)
-            feats = self.vision(pixel_values, image_position_ids)  # N, P, H
+            feats = self.vision(pixel_values, image_position_ids)  # N, P, H (the module: FSDP may wrap it)
             feats = feats[(image_position_ids != -1).all(-1)]  # valid patches only: sum(P_i), H
             embeds = _scatter(embeds, image_slots, feats, "image")
         else:
@@ -163,10 +169,7 @@ class FusionModel(nn.Module):
         if input_features is not None and input_features.numel():
             if self.audio is None:
                 raise ValueError("The batch has audio but the model has no audio projector (model/audio=none).")
-            if getattr(self.audio, "uses_mask", False):  # encoders that attend across frames skip the padding
-                feats = self.audio(input_features, input_features_mask)  # N, T, H
-            else:
-                feats = self.audio(input_features)  # N, T, H
+            feats = self.audio(input_features, input_features_mask)  # N, T, H (AudioProjector drops an unused mask)
             if input_features_mask is not None:
                 feats = feats[input_features_mask.bool()]  # valid frames only: sum(T_i), H
             embeds = _scatter(embeds, audio_slots, feats.reshape(-1, feats.shape[-1]), "audio")
@@ -179,7 +182,7 @@ class FusionModel(nn.Module):
             is_block |= audio_slots
         return embeds, block_ids_from(is_block)
 
-    def _run_idle(self, projector: nn.Module | None, embeds: torch.Tensor) -> torch.Tensor:
+    def _run_idle(self, projector: VisionProjector | AudioProjector | None, embeds: torch.Tensor) -> torch.Tensor:
         """With `run_idle_projectors` (training): a projector whose modality the batch lacks runs on a dummy
         token, with zero weight in the result, in the same order as always (FSDP: the same collectives)."""
         if projector is None or not (self.run_idle_projectors and self.training and torch.is_grad_enabled()):

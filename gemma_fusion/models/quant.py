@@ -175,7 +175,7 @@ def quantize_frozen(module: nn.Module, quant: str, group_size: int = 64, backend
 
 def _torchao_quantize(module: nn.Module, quant: str, group_size: int, target_ids: set[int]) -> None:
     try:
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_  # optional extra
     except ImportError as err:
         raise UserError("backbone.quant_backend=torchao needs torchao (pip install torchao); or use "
                         "backbone.quant_backend=native.") from err

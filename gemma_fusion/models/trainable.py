@@ -6,6 +6,7 @@ import logging
 import torch
 from torch import nn
 
+from gemma_fusion.models.projectors.base import Projector
 
 log = logging.getLogger(__name__)
 PARTS = ("vision", "audio", "lora", "backbone")
@@ -34,10 +35,11 @@ def part_of(name: str) -> str:
 
 
 def set_trainable(model: nn.Module) -> dict[str, dict[str, int]]:
-    """Projectors and LoRA train; the backbone is frozen, and so is any module of a projector marked
-    `keep_frozen = True` (a pretrained encoder tower used as is). Returns and logs counts per part."""
+    """Projectors and LoRA train; the backbone is frozen, and so is every part a projector lists in
+    `frozen_modules()` (a pretrained encoder tower used as is). Returns and logs counts per part."""
     counts = {p: {"trainable": 0, "total": 0} for p in PARTS}
-    kept = {id(p) for m in model.modules() if getattr(m, "keep_frozen", False) for p in m.parameters()}
+    kept = {id(p) for projector in model.modules() if isinstance(projector, Projector)
+            for frozen in projector.frozen_modules() for p in frozen.parameters()}
     for name, param in model.named_parameters():
         part = part_of(name)
         param.requires_grad_(part != "backbone" and id(param) not in kept)

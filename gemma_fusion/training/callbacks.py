@@ -10,10 +10,12 @@ import torch
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
+from gemma_fusion.artifacts.rundir import RunDir
 from gemma_fusion.core.config import to_plain
 from gemma_fusion.data.state import StatsTotals, StreamState, check_bad_fraction
 from gemma_fusion.core.files import replaced_atomically
@@ -23,7 +25,7 @@ from gemma_fusion.models.trainable import trainable_names, trainable_state_dict
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers = []
     if cfg.logger.get("csv", True):
-        # -> RUN/metrics.csv, flushed every step so a killed run loses no logged row
+        # -> RunDir.metrics, flushed every step so a killed run loses no logged row
         loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=1))
     if cfg.logger.get("wandb", False):
         os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
@@ -37,7 +39,7 @@ def wandb_run_id(run_dir: Path) -> str | None:
     Only global rank 0 logs to wandb (and owns the file)."""
     if rank_zero_only.rank != 0:
         return None
-    path = run_dir / "wandb_run_id"
+    path = RunDir(run_dir).wandb_id
     if not path.is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(secrets.token_hex(4))  # wandb's id alphabet: lowercase letters and digits
@@ -45,18 +47,19 @@ def wandb_run_id(run_dir: Path) -> str | None:
 
 
 def set_aside_metrics(run_dir: Path) -> None:
-    """Before a resumed run: keep RUN/metrics.csv as a numbered segment (Lightning's CSV logger would delete it)."""
-    current = run_dir / "metrics.csv"
-    if current.is_file():
-        current.rename(run_dir / f"metrics.segment-{len(list(run_dir.glob('metrics.segment-*.csv'))):03d}.csv")
+    """Before a resumed run: keep RUN's metrics as a numbered segment (Lightning's CSV logger would delete them)."""
+    run = RunDir(run_dir)
+    if run.metrics.is_file():
+        run.metrics.rename(run.next_metrics_segment())
 
 
 def stitch_metrics(run_dir: Path) -> None:
-    """After training: merge the segments of a resumed run into RUN/metrics.csv, one row per logged step.
+    """After training: merge the segments of a resumed run into `RunDir.metrics`, one row per logged step.
 
     A segment's rows from the resumed step on were redone by the next segment, so they are dropped.
     """
-    segments = sorted(run_dir.glob("metrics.segment-*.csv")) + [run_dir / "metrics.csv"]
+    run = RunDir(run_dir)
+    segments = run.metrics_segments() + [run.metrics]
     if len(segments) == 1 or not segments[-1].is_file():
         return
     tables = []
@@ -68,12 +71,12 @@ def stitch_metrics(run_dir: Path) -> None:
         start = min((int(r["step"]) for r in following if r.get("step")), default=None) if following else None
         rows += [r for r in table if start is None or not r.get("step") or int(r["step"]) < start]
     keys = sorted({k for r in rows for k in r})
-    tmp = run_dir / "metrics.csv.tmp"
+    tmp = run.metrics.with_name(run.metrics.name + ".tmp")
     with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(run_dir / "metrics.csv")
+    tmp.replace(run.metrics)
     for path in segments[:-1]:
         path.unlink()
 
@@ -82,15 +85,13 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     every = cfg.checkpoint.get("every_n_steps", 0)
     if not every:
         return []
-    return [ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=every, save_top_k=-1,
+    return [ModelCheckpoint(dirpath=RunDir(run_dir).checkpoints, every_n_train_steps=every, save_top_k=-1,
                             filename="step-{step:07d}", auto_insert_metric_name=False)]
 
 
 def gathered_trainable(trainer, model) -> dict[str, torch.Tensor]:
     """The trainable weights, whole. Under FSDP every rank holds shards: they are gathered onto global rank 0
     (a collective: every rank must call this; the others get {}). Otherwise the model's own tensors."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
     if not isinstance(trainer.strategy, FSDPStrategy):
         return trainable_state_dict(model)
     keep = trainable_names(model)
@@ -100,15 +101,16 @@ def gathered_trainable(trainer, model) -> dict[str, torch.Tensor]:
 
 
 def save_final(model, run_dir: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
-    """RUN/final/trainable.safetensors: projectors + adapters, nothing of the frozen backbone.
+    """The run's final weights (`RunDir.trainable`): projectors + adapters, nothing of the frozen backbone.
 
     Global rank 0 writes it; other data-parallel ranks hold the same weights and only return the path.
     `state`: the trainable tensors when they are not the model's own (gathered from FSDP shards).
     """
-    path = run_dir / "final" / "trainable.safetensors"
+    run = RunDir(run_dir)
+    path = run.trainable
     if rank_zero_only.rank != 0:
         return path
-    with replaced_atomically(path, f"the checkpoints in {run_dir / 'checkpoints'} are intact: free space and "
+    with replaced_atomically(path, f"the checkpoints in {run.checkpoints} are intact: free space and "
                                    "finish with resume=auto") as tmp:
         save_file(trainable_state_dict(model) if state is None else state, str(tmp))
     return path

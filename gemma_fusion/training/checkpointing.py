@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gemma_fusion.core.errors import UserError
 from gemma_fusion.core.files import replaced_atomically
@@ -92,8 +94,6 @@ def set_rng_state(state: dict) -> None:
 def slurm_environment():
     """Under SLURM: Lightning's SLURM environment without its SIGUSR1 handler (SignalCheckpoint takes the
     signal and saves at a step boundary instead of mid-step); None elsewhere."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
     return SLURMEnvironment(auto_requeue=False) if SLURMEnvironment.detect() else None
 
 
@@ -131,8 +131,6 @@ class SignalCheckpoint(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         """Registered after Lightning's own handlers (which act per rank and can stop the ranks at different
         steps): only this flag is used, and the stop is agreed across ranks at a step boundary."""
-        from lightning.fabric.plugins.environments import SLURMEnvironment
-
         slurm = SLURMEnvironment.detect()
 
         def request(signum, frame):
@@ -160,8 +158,6 @@ class SignalCheckpoint(Callback):
     def on_exception(self, trainer, pl_module, exception) -> None:
         """Lightning's own SIGTERM handling raises at a step boundary (agreed across ranks); save before its
         teardown takes the process group down."""
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
         if isinstance(exception, SIGTERMException) and not getattr(trainer, "stopped_by_signal", False):
             self._save(trainer)
 

@@ -11,22 +11,21 @@ Measured on up to `max_samples` samples of the validation data (the same preproc
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from gemma_fusion.artifacts.rundir import RunDir
 from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.flops import backbone_forward_flops, count_forward_flops
-from gemma_fusion.core.batch import AUDIO, IGNORE_INDEX, IMAGE
+from gemma_fusion.core.batch import AUDIO, IGNORE_INDEX, IMAGE, SAMPLE_RATE
 from gemma_fusion.models.fusion import pixels_to_unit
 from gemma_fusion.models.quant import QuantizedLinear
 from gemma_fusion.models.trainable import PARTS, clean_name, part_of
 
 log = logging.getLogger(__name__)
-SAMPLE_RATE = 16_000
 
 
 def parameter_counts(model: nn.Module) -> dict[str, dict[str, int]]:
@@ -58,15 +57,14 @@ def measure(model, loader, max_samples: int = 32, max_batches: int = 100) -> dic
         if model.vision is not None and pixels is not None and pixels.numel():
             positions = batch["image_position_ids"]
             pixels = pixels_to_unit(pixels) if not pixels.is_floating_point() else pixels
-            totals["vision"] += count_forward_flops(model.vision, pixels, positions)
+            totals["vision"] += count_forward_flops(model.vision.soft_tokens, pixels, positions)
             totals["images"] += pixels.shape[0]
             totals["image_samples"] += int((batch["mm_token_type_ids"] == IMAGE).any(1).sum())
             totals["image_tokens"] += int((positions != -1).all(-1).sum())
         frames = batch.get("input_features")
         if model.audio is not None and frames is not None and frames.numel():
             frame_mask = batch.get("input_features_mask")
-            args = (frames, frame_mask) if getattr(model.audio, "uses_mask", False) else (frames,)
-            totals["audio"] += count_forward_flops(model.audio, *args)
+            totals["audio"] += count_forward_flops(model.audio.soft_tokens, frames, frame_mask)
             real = int(frame_mask.sum()) if frame_mask is not None else frames.shape[0] * frames.shape[1]
             totals["audio_tokens"] += real
             totals["audio_seconds"] += real * model.audio.frame_dim / SAMPLE_RATE
@@ -101,8 +99,7 @@ def compute_report(model, loader, designs: dict, max_samples: int = 32) -> dict:
 
 
 def write_compute_report(run_dir: Path, report: dict) -> Path:
-    path = Path(run_dir) / "compute.json"
-    path.write_text(json.dumps(report, indent=2))
+    path = RunDir(run_dir).write_compute(report)
     flops = report["forward_flops_per_sample"]
     log.info("compute: %.3g forward FLOPs per sample (vision %.3g, audio %.3g, backbone %.3g) -> %s",
              flops["total"], flops["vision"], flops["audio"], flops["backbone"], path)

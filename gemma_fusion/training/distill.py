@@ -29,9 +29,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from gemma_fusion.artifacts.rundir import ExportDir, RunDir
 from gemma_fusion.core.batch import model_inputs
+from gemma_fusion.artifacts.load import load_for_inference
+from gemma_fusion.data.pipeline import make_loader, run_preprocessor
 from gemma_fusion.core.errors import UserError
 from gemma_fusion.core.files import staged_directory
+from gemma_fusion.core.schema import DataConfig
 from gemma_fusion.core.batch import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -41,8 +45,6 @@ SAMPLES_PER_FILE = 4096
 
 def load_teacher(path: str | Path):
     """A run directory or an export directory -> (frozen FusionModel in eval mode, its config)."""
-    from gemma_fusion.artifacts.load import load_for_inference
-
     model, cfg = load_for_inference(path)
     model.requires_grad_(False)
     return model.eval(), cfg
@@ -77,11 +79,11 @@ class Distiller:
             raise UserError(f"distill.alpha={alpha} must be between 0 (cross-entropy only) and 1 (KL only).")
         if temperature <= 0:
             raise UserError(f"distill.temperature={temperature} must be > 0.")
-        from gemma_fusion.artifacts.load import model_dir_kind
-
-        if model_dir_kind(teacher_path) is None:
-            raise UserError(f"distill.teacher={teacher_path} is neither a train.py run (config.yaml + final/) nor an "
-                            "export (export.json); pass the directory of a finished run.")
+        teacher = RunDir(teacher_path)
+        if teacher.kind() is None:
+            raise UserError(f"distill.teacher={teacher_path} is neither a train.py run ({teacher.config.name} + "
+                            f"{teacher.final.name}/) nor an export ({ExportDir(teacher_path).meta.name}); pass the "
+                            "directory of a finished run.")
         if cache and top_k <= 0:
             raise UserError("distill.cache stores the teacher's top-k log-probabilities: set distill.top_k (e.g. 32).")
         self.teacher_path, self.alpha, self.temperature, self.top_k = teacher_path, alpha, temperature, top_k
@@ -136,13 +138,11 @@ def write_cache(teacher_path: str, train_spec, cache_dir: Path, top_k: int, batc
                 allow_pipe: bool = False) -> dict:
     """One pass over the training shards with the teacher under its own preprocessing: its top-k log-probs of every
     target token of every sample -> cache_dir (written in a temporary directory, renamed into place at the end)."""
-    from gemma_fusion.data.pipeline import make_loader, run_preprocessor
-
     teacher, tcfg = load_teacher(teacher_path)
     teacher.to(device)
     preprocess = run_preprocessor(teacher, tcfg.data)
-    loader = make_loader(train_spec, preprocess, batch_size, 0, 0, resampled=False, allow_pipe=allow_pipe,
-                         split_by_rank=False)
+    loader = make_loader(DataConfig(eval_batch_size=batch_size, allow_pipe=allow_pipe), preprocess, train=False,
+                         spec=train_spec, split_by_rank=False)  # every sample once, in order
     files, pending, samples = [], {}, 0
     with staged_directory(cache_dir) as tmp:  # an interrupted pass leaves no partial cache
 

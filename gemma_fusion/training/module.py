@@ -5,6 +5,7 @@ import time
 import warnings
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
 import torch
 
 from gemma_fusion.core.batch import model_inputs
@@ -94,8 +95,6 @@ class FusionLitModule(L.LightningModule):
         self.log("train/grad_norm", norm, on_step=True)
 
     def _sharded(self) -> bool:
-        from lightning.pytorch.strategies import FSDPStrategy
-
         return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy) \
             and torch.distributed.is_initialized()
 

@@ -3,17 +3,16 @@
 The result is an ordinary checkpoint (config.json, model.safetensors, tokenizer.json) that the demo
 loads through the same `backbone.path` code as a real Gemma 4 checkpoint, then freezes.
 
-    python -m gemma_fusion.training.pretrain_text --out data/backbones/tiny
+    python -m gemma_fusion.training.pretrain_text --out data/backbones/tiny    # --help lists every key
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import Gemma4UnifiedForConditionalGeneration
 
+from gemma_fusion.core.cli import option, parse_cli
 from gemma_fusion.data.demo_text import text_example
 from gemma_fusion.data.sequence import encode_text
 from gemma_fusion.models.backbone import Backbone
@@ -160,16 +160,18 @@ def ensure_pretrained(out_dir: str | Path, cfg: PretrainConfig = PretrainConfig(
     return out_dir
 
 
+@dataclass
+class PretrainOptions(PretrainConfig):
+    """Pretrain the demo's tiny backbone on text and save it as a transformers directory in `out`. Every
+    other key is a field of PretrainConfig (gemma_fusion/training/pretrain_text.py): its architecture and recipe."""
+
+    out: str = option(help="the directory to write (config.json, model.safetensors, tokenizer.json)", metavar="DIR")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    for name, value in asdict(PretrainConfig()).items():
-        if isinstance(value, bool):
-            parser.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=value)
-        elif not isinstance(value, list):
-            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = vars(parser.parse_args(argv))
-    print(json.dumps(pretrain(args.pop("out"), PretrainConfig(**args))))
+    opts = parse_cli(PretrainOptions, argv, prog="python -m gemma_fusion.training.pretrain_text")
+    cfg = PretrainConfig(**{f.name: getattr(opts, f.name) for f in fields(PretrainConfig)})
+    print(json.dumps(pretrain(opts.out, cfg)))
 
 
 if __name__ == "__main__":

@@ -116,12 +116,14 @@ def test_the_loader_is_deterministic_for_a_seed_with_workers(awkward_shards, tin
 
     from gemma_fusion.core.config import CONFIG_DIR
     from gemma_fusion.data.inspect import preprocessor_from_config
+    from gemma_fusion.core.schema import DataConfig
     from gemma_fusion.data.pipeline import make_loader
 
     shards, summary = awkward_shards
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         preprocess = preprocessor_from_config(compose("train", overrides=_overrides(tiny_gemma4_dir)))
-    order = lambda seed: [m["key"] for b in make_loader(shards, preprocess, 4, num_workers=2, shuffle=8, seed=seed)
+    data = DataConfig(batch_size=4, num_workers=2, shuffle_buffer=8)
+    order = lambda seed: [m["key"] for b in make_loader(data, preprocess, train=True, spec=shards, seed=seed)
                           for m in b["meta"]]
     first = order(0)
     assert sorted(first) == sorted(set(first)) and len(first) == summary["written"]

@@ -68,11 +68,13 @@ def test_token_budget_batches():
 
 
 def test_a_batch_size_below_one_is_refused_instead_of_waiting_forever():
-    from gemma_fusion.data.pipeline import make_loader
     from gemma_fusion.core.errors import UserError
+    from gemma_fusion.core.schema import DataConfig
+    from gemma_fusion.data.pipeline import make_loader
 
-    with pytest.raises(UserError, match="A batch size of 0 holds no sample"):
-        make_loader("unused", None, 0)
+    for train, key in ((True, "batch_size"), (False, "eval_batch_size")):
+        with pytest.raises(UserError, match=f"^data.{key}=0 is out of range: it must be an integer >= 1"):
+            make_loader(DataConfig(**{key: 0}), None, train=train, spec="unused")
 
 
 def test_samples_of_a_modality_the_model_lacks_are_not_bad_data():

@@ -97,11 +97,13 @@ def test_sampling_repeats_with_its_seed_and_differs_with_another(tiny_gemma4_dir
 
 def test_greedy_on_eval_batches_matches_the_uncached_path(tiny_gemma4_dir, demo_dir):
     """What evaluate() scores: the demo's val prompts (image and audio tasks) as prompt_only batches."""
+    from gemma_fusion.core.schema import DataConfig
     from gemma_fusion.data.pipeline import make_loader, preprocessor_for
     from gemma_fusion.eval.evaluate import prompt_only
 
     model = sharpened(FusionModel.from_pretrained(tiny_gemma4_dir))
-    loader = make_loader(f"{demo_dir}/val", preprocessor_for(model, 8, 30), batch_size=3)
+    loader = make_loader(DataConfig(eval_batch_size=3), preprocessor_for(model, 8, 30), train=False,
+                         spec=f"{demo_dir}/val")
     seen = 0
     for batch in loader:
         prompts = prompt_only(batch, model.tokens.pad)

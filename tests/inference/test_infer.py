@@ -14,9 +14,12 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-import train as train_entry
+from gemma_fusion.training import recipe
 from gemma_fusion.core.errors import UserError
-from gemma_fusion.infer import load_for_inference, parse_args, read_requests
+from gemma_fusion.artifacts.load import load_for_inference
+from gemma_fusion.core.cli import parse
+from gemma_fusion.infer import InferOptions
+from gemma_fusion.inference.serve import read_requests
 from gemma_fusion.inference.prompts import Request, TextStream, answer, build_batch, prompt_preprocessor
 from tests.training.conftest import compose_train
 
@@ -26,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def run_dir(tiny_gemma4_dir, demo_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    train_entry.train(compose_train(tiny_gemma4_dir, demo_dir, "trainer.max_steps=2", "eval_after_train=false"), run)
+    recipe.train(compose_train(tiny_gemma4_dir, demo_dir, "trainer.max_steps=2", "eval_after_train=false"), run)
     return run
 
 
@@ -126,14 +129,14 @@ def test_bad_key_and_missing_image_are_one_sentence_with_exit_status_2(run_dir, 
 ])
 def test_bad_arguments_are_user_errors(argv, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
-        parse_args(argv)
+        parse(InferOptions, argv)
 
 
 def test_unusable_inputs_are_user_errors(tmp_path):
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "ok"}\n["not", "an", "object"]\n')
     with pytest.raises(UserError, match="line 2 is not a JSON object"):
-        read_requests(parse_args(["run=r", f"prompts={bad}"]))
+        read_requests(parse(InferOptions, ["run=r", f"prompts={bad}"]))
     with pytest.raises(UserError, match="neither a train.py run directory"):
         load_for_inference(tmp_path)
 

@@ -76,6 +76,7 @@ backends = ["native"] + (["torchao"] if importlib.util.find_spec("torchao") else
 
 @pytest.mark.parametrize("quant, backend", [("int8", b) for b in backends] + [("int4", "native")])
 def test_lora_trains_on_a_quantized_backbone(tiny_gemma4_dir, tiny_demo_dir, quant, backend):
+    from gemma_fusion.core.schema import DataConfig
     from gemma_fusion.data.pipeline import make_loader, preprocessor_for
 
     torch.manual_seed(0)
@@ -97,7 +98,8 @@ def test_lora_trains_on_a_quantized_backbone(tiny_gemma4_dir, tiny_demo_dir, qua
     ratio = tensor_bytes(decoder) / tensor_bytes(full.backbone.decoder)
     assert ratio < 0.75  # fp32 tiny model; embeddings and norms are not quantised
 
-    batch = next(iter(make_loader(cfg.data.train, preprocessor_for(model, 8), 4)))
+    batch = next(iter(make_loader(DataConfig(batch_size=4), preprocessor_for(model, 8), train=True,
+                                  spec=cfg.data.train)))
     loss_full, _ = _loss_and_grads(full, batch)
     loss_q, grads = _loss_and_grads(model, batch)
     assert torch.isfinite(loss_q) and abs(loss_q - loss_full) / loss_full < 0.1

@@ -101,13 +101,13 @@ def test_gradients_reach_every_trainable_parameter(name, kw, siglip_dir):
 
 def test_a_frozen_hf_tower_stays_frozen_and_in_eval_mode(siglip_dir):
     model = make("hf_vision", siglip_dir).train()
-    assert not any(p.requires_grad for p in model.tower.parameters()) and model.tower.keep_frozen
+    assert not any(p.requires_grad for p in model.tower.parameters()) and model.frozen_modules() == [model.tower]
     assert not any(m.training for m in model.tower.modules()) and model.fc1.training
     assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("tower."))
     assert not hasattr(model.tower, "head")  # SigLIP's attention-pooling head is unused, so dropped
     trainable = make("hf_vision", siglip_dir, trainable=True).train()
     assert all(p.requires_grad for p in trainable.tower.parameters()) and trainable.tower.training
-    assert not trainable.tower.keep_frozen
+    assert not trainable.frozen_modules()
 
 
 def test_hf_tower_sees_the_reassembled_image(siglip_dir):

@@ -11,6 +11,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+from gemma_fusion.core.config import Buildable
+
 
 def _full_state_dict_context(module, world_size: int, rank0_only: bool = True):
     return FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT,
@@ -21,7 +23,7 @@ def _full_state_dict_context(module, world_size: int, rank0_only: bool = True):
 lightning_fsdp._get_full_state_dict_context = _full_state_dict_context
 
 
-class CPUFSDPStrategy(FSDPStrategy):
+class CPUFSDPStrategy(FSDPStrategy, Buildable):  # Buildable: a config may name it (core/config.py's policy)
     def _setup_model(self, model):
         return FSDP(module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
                     sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs)

@@ -8,17 +8,16 @@ rank gets the callback. Rank r writes, into the run directory:
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
 
-import train as train_script
 from gemma_fusion.training import callbacks as callbacks_module
 from gemma_fusion.models.trainable import trainable_state_dict
 
 BUILD_CALLBACKS = callbacks_module.build_callbacks
+TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"
 
 
 class RankRecorder(Callback):
@@ -41,5 +40,6 @@ class RankRecorder(Callback):
 
 if __name__ == "__main__":
     callbacks_module.build_callbacks = lambda cfg, run_dir: [RankRecorder(run_dir), *BUILD_CALLBACKS(cfg, run_dir)]
-    train_script.check_cli_overrides("train", sys.argv[1:])
-    train_script.main()
+    # train.py as `python train.py` runs it, with sys.argv[0] left on this probe (runpy.run_path would point it at
+    # train.py): Lightning's launcher starts the other ranks with sys.argv, so they get the recorder too
+    exec(compile(TRAIN_PY.read_text(), str(TRAIN_PY), "exec"), {"__name__": "__main__", "__file__": str(TRAIN_PY)})

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train as train_entry
+from gemma_fusion.training import recipe
 from gemma_fusion.core.config import CONFIG_DIR
 from gemma_fusion.models.build import build_model
 from tests.models.test_audio_designs import tiny_whisper
@@ -31,7 +31,7 @@ def test_every_audio_config_is_listed():
 @pytest.mark.parametrize("name", AUDIO_DESIGNS)
 def test_audio_design_trains_and_saves_its_parameters(name, make_cfg, whisper_dir, tmp_path):
     if name == "none":  # images only: the DTMF samples are skipped (no_audio)
-        model = train_entry.train(make_cfg("model/audio=none", "trainer.max_steps=2"), tmp_path)
+        model = recipe.train(make_cfg("model/audio=none", "trainer.max_steps=2"), tmp_path)
         saved = load_file(tmp_path / "final" / "trainable.safetensors")
         assert model.audio is None and saved and not any(k.startswith("audio.") for k in saved)
         return
@@ -40,7 +40,7 @@ def test_audio_design_trains_and_saves_its_parameters(name, make_cfg, whisper_di
     cfg = make_cfg(f"model/audio={name}", "model/vision=none", "trainer.max_steps=2", *extra)
     L.seed_everything(cfg.seed)  # as train() does before it builds: the same initial weights
     initial = {n: p.detach().clone() for n, p in build_model(cfg).named_parameters()}
-    model = train_entry.train(cfg, tmp_path)
+    model = recipe.train(cfg, tmp_path)
 
     saved = load_file(tmp_path / "final" / "trainable.safetensors")
     audio = {k for k in saved if k.startswith("audio.")}

@@ -17,7 +17,7 @@ import soundfile as sf
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-import train as train_entry
+from gemma_fusion.training import recipe
 from gemma_fusion.training import callbacks
 from tests.data.awkward_media import _bomb_png
 
@@ -151,7 +151,7 @@ def test_training_skips_and_counts_every_bad_input_and_trains_every_good_sample(
     cfg = make_cfg(f"data.train={tmp_path / 'shards'}", "data.resampled=false", "data.cache_gb=0",
                    f"data.batch_size={batch_size}", "data.max_length=128", "data.max_bad_fraction=1.0",
                    "trainer.max_steps=1000", "+trainer.max_epochs=2", "eval_after_train=false")
-    train_entry.train(cfg, run)
+    recipe.train(cfg, run)
 
     assert (run / "final" / "trainable.safetensors").is_file()
     assert not marker.exists()  # ...and nothing unpickled it

@@ -66,14 +66,14 @@ def test_hydra_full_error_shows_the_traceback(tiny_args):
     ("trainer.max_steps=0", "an integer >= 1 (or -1 with trainer.max_epochs)"),
 ])
 def test_a_value_out_of_range_stops_at_start_up(override, rule, make_cfg, tmp_path):
-    import train as train_script
+    from gemma_fusion.training import recipe
 
     from gemma_fusion.core.errors import UserError
 
     key, value = override.split("=")
     with pytest.raises(UserError, match=f"^{key}={value} is out of range: it must be {rule}".replace("(", r"\(")
                        .replace(")", r"\)")):
-        train_script.train(make_cfg(override), tmp_path / "run")
+        recipe.train(make_cfg(override), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -94,22 +94,22 @@ def test_every_shipped_preset_passes_the_range_checks():
                                    r"layers are named down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj\.$"),
 ])
 def test_a_setting_a_library_rejects_is_one_sentence_naming_the_key(override, sentence, make_cfg, tmp_path):
-    import train as train_script
+    from gemma_fusion.training import recipe
 
     from gemma_fusion.core.errors import UserError
 
     with pytest.raises(UserError, match=sentence):
-        train_script.train(make_cfg(override), tmp_path / "run")
+        recipe.train(make_cfg(override), tmp_path / "run")
 
 
 def test_data_where_nothing_passes_stops_before_any_batch(make_cfg, tmp_path):
     """Every sample too long: without the loader's own check no batch would ever form and the run would hang."""
-    import train as train_script
+    from gemma_fusion.training import recipe
 
     from gemma_fusion.core.errors import UserError
 
     with pytest.raises(UserError, match=r"^20 of 20 samples so far were bad \(too_long: 20\)"):
-        train_script.train(make_cfg("data.max_length=3", "data.bad_check_after=20", "data.resampled=true"),
+        recipe.train(make_cfg("data.max_length=3", "data.bad_check_after=20", "data.resampled=true"),
                            tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.csv").exists() or "train/loss" not in (tmp_path / "run" /
                                                                                    "metrics.csv").read_text()

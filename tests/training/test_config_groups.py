@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-import train as train_entry
+from gemma_fusion.training import recipe
 from gemma_fusion.core.config import CONFIG_DIR
+from gemma_fusion.training.fsdp import trainer_options
 
 GROUPS = ("backbone", "lora", "data", "optim", "logger", "checkpoint", "distill", "experiment", "trainer")
 NEEDS_GPU = {("trainer", "gpu"), ("trainer", "fsdp"), ("trainer", "ddp")}
@@ -31,7 +31,7 @@ def align_run(tmp_path_factory, tiny_gemma4_dir, tiny_demo_dir):
     from tests.training.conftest import compose_train
 
     run = tmp_path_factory.mktemp("align")
-    train_entry.train(compose_train(tiny_gemma4_dir, tiny_demo_dir, "experiment=align", "trainer.max_steps=2",
+    recipe.train(compose_train(tiny_gemma4_dir, tiny_demo_dir, "experiment=align", "trainer.max_steps=2",
                                     "eval_after_train=false"), run)
     return run
 
@@ -48,7 +48,7 @@ def test_option_trains_two_steps(group, option, make_cfg, tiny_gemma4_dir, tmp_p
         extra = [f"distill.teacher={request.getfixturevalue('align_run')}"]
     cfg = make_cfg(f"{group}={option}", *extra, "trainer.max_steps=2", "checkpoint.every_n_steps=1",
                    "eval_after_train=false", "trainer.accelerator=cpu", "trainer.devices=1")
-    train_entry.train(cfg, tmp_path)
+    recipe.train(cfg, tmp_path)
     saved = load_file(tmp_path / "final" / "trainable.safetensors")
     assert saved and (tmp_path / "compute.json").is_file()
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == ["step-0000001.ckpt", "step-0000002.ckpt"]
@@ -57,6 +57,6 @@ def test_option_trains_two_steps(group, option, make_cfg, tiny_gemma4_dir, tmp_p
 @pytest.mark.parametrize("option", [o for g, o in NEEDS_GPU])
 def test_gpu_trainer_options_compose_and_instantiate(option, make_cfg):
     cfg = make_cfg(f"trainer={option}")
-    arguments = instantiate(cfg.trainer, _convert_="all")
+    arguments = trainer_options(cfg.trainer)  # what build_trainer passes to lightning.Trainer
     assert arguments["accelerator"] == "gpu" and arguments["precision"] == "bf16-mixed"
     assert arguments["max_steps"] == 3

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train as train_entry
+from gemma_fusion.training import recipe
 from gemma_fusion.core.errors import UserError
 from gemma_fusion.training.distill import kd_loss
 from tests.training.conftest import compose_train
@@ -18,7 +18,7 @@ from tests.training.conftest import compose_train
 @pytest.fixture(scope="module")
 def teacher_run(tiny_gemma4_dir, tiny_demo_dir, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("teacher")
-    train_entry.train(compose_train(tiny_gemma4_dir, tiny_demo_dir, "eval_after_train=false", "trainer.max_steps=3"),
+    recipe.train(compose_train(tiny_gemma4_dir, tiny_demo_dir, "eval_after_train=false", "trainer.max_steps=3"),
                       run_dir)
     return run_dir
 
@@ -49,7 +49,7 @@ def test_an_int8_student_learns_from_the_teacher_online(tiny_gemma4_dir, tiny_de
                         "model.init_from=null", "eval_after_train=false", "trainer.max_steps=12",
                         "distill.alpha=0.75", "optim.warmup_steps=1")
     assert cfg.backbone.quant == "int8"
-    train_entry.train(cfg, tmp_path)
+    recipe.train(cfg, tmp_path)
     rows = _rows(tmp_path)
     for r in rows:  # the logged loss is the mix of the two logged terms
         mix = 0.75 * float(r["train/kl"]) + 0.25 * float(r["train/ce"])
@@ -63,17 +63,17 @@ def test_a_cached_teacher_runs_once_and_serves_a_student_with_another_image_budg
     cache = tmp_path / "cache"
     overrides = ["distill=teacher", f"distill.teacher={teacher_run}", "distill.top_k=8", f"distill.cache={cache}",
                  "eval_after_train=false", "data.image_tokens=4"]  # the teacher saw 8 image tokens
-    train_entry.train(compose_train(tiny_gemma4_dir, tiny_demo_dir, *overrides), tmp_path / "a")
+    recipe.train(compose_train(tiny_gemma4_dir, tiny_demo_dir, *overrides), tmp_path / "a")
     index = json.loads((cache / "index.json").read_text())
     assert index["top_k"] == 8 and index["samples"] == 18  # 3 tasks x 6 training samples: every sample once
     written = [(f, f.stat().st_mtime_ns) for f in sorted(cache.iterdir())]
-    train_entry.train(compose_train(tiny_gemma4_dir, tiny_demo_dir, *overrides), tmp_path / "b")
+    recipe.train(compose_train(tiny_gemma4_dir, tiny_demo_dir, *overrides), tmp_path / "b")
     assert [(f, f.stat().st_mtime_ns) for f in sorted(cache.iterdir())] == written  # read, not rewritten
     assert all(float(r["train/kl"]) >= 0 for r in _rows(tmp_path / "b"))
 
     other = [o.replace("distill.top_k=8", "distill.top_k=4") for o in overrides]
     with pytest.raises(UserError, match="top-8 of teacher"):
-        train_entry.train(compose_train(tiny_gemma4_dir, tiny_demo_dir, *other), tmp_path / "c")
+        recipe.train(compose_train(tiny_gemma4_dir, tiny_demo_dir, *other), tmp_path / "c")
 
 
 def test_bad_distill_settings_stop_at_start(tiny_gemma4_dir, tiny_demo_dir, teacher_run, tmp_path):
@@ -81,8 +81,8 @@ def test_bad_distill_settings_stop_at_start(tiny_gemma4_dir, tiny_demo_dir, teac
         cfg = compose_train(tiny_gemma4_dir, tiny_demo_dir, "distill=teacher", f"distill.teacher={teacher_run}",
                             override, "eval_after_train=false")
         with pytest.raises(UserError, match=message):
-            train_entry.train(cfg, tmp_path / override.split("=")[0])
+            recipe.train(cfg, tmp_path / override.split("=")[0])
     cfg = compose_train(tiny_gemma4_dir, tiny_demo_dir, "distill=teacher", f"distill.teacher={tmp_path}",
                         "eval_after_train=false")
     with pytest.raises(UserError, match="neither a train.py run"):
-        train_entry.train(cfg, tmp_path / "nothing")
+        recipe.train(cfg, tmp_path / "nothing")

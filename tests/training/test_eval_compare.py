@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import eval as eval_entry
-import train as train_entry
+from gemma_fusion.eval import recipe as eval_recipe
+from gemma_fusion.training import recipe
 from gemma_fusion.data.write_shards import write_shards
 from gemma_fusion.core.errors import UserError
 from gemma_fusion.eval.compare import paired_bootstrap
@@ -57,7 +57,7 @@ def test_raw_frames_and_mel_encoder_switch_by_one_override_and_eval_compares_the
         cfg = compose_train(tiny_gemma4_dir, speech, "data=shards", "model/vision=none", f"model/audio={design}",
                             "eval_after_train=false", "trainer.max_steps=2")
         runs[design] = tmp_path / design
-        train_entry.train(cfg, runs[design])
+        recipe.train(cfg, runs[design])
     designs = {d: json.loads((runs[d] / "compute.json").read_text())["designs"]["audio"] for d in runs}
     assert designs["audio_frames"] != designs["mel_conformer"] and designs["mel_conformer"].endswith("MelConformerProjector")
 
@@ -86,7 +86,7 @@ def test_compare_without_common_data_is_one_sentence(tiny_gemma4_dir, tiny_demo_
     """Runs validated on different sets are not compared unless data.eval names one set for all of them."""
     for name, data in (("a", speech), ("b", tiny_demo_dir)):
         extra = ["data=shards", "model/vision=none"] if name == "a" else []
-        train_entry.train(compose_train(tiny_gemma4_dir, data, *extra, "eval_after_train=false",
+        recipe.train(compose_train(tiny_gemma4_dir, data, *extra, "eval_after_train=false",
                                         "trainer.max_steps=1"), tmp_path / name)
     from hydra import compose, initialize_config_dir
 
@@ -95,7 +95,7 @@ def test_compare_without_common_data_is_one_sentence(tiny_gemma4_dir, tiny_demo_
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=[f"run={tmp_path / 'a'}", f"compare=[{tmp_path / 'b'}]"])
     with pytest.raises(UserError, match="validated on different data.*data.eval=SHARDS"):
-        eval_entry.run(cfg)
+        eval_recipe.run(cfg)
 
 
 def test_paired_bootstrap_interval_covers_a_known_difference_and_excludes_zero():

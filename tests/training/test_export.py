@@ -12,7 +12,7 @@ import yaml
 from safetensors import safe_open
 from transformers import Gemma4UnifiedForConditionalGeneration
 
-import train as train_entry
+from gemma_fusion.training import recipe
 from gemma_fusion import FusionModel
 from gemma_fusion.core.errors import UserError
 from gemma_fusion.export import export_run, load_export
@@ -32,7 +32,7 @@ def trained_run(tiny_gemma4_dir, tiny_demo_dir, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
     cfg = compose_train(tiny_gemma4_dir, tiny_demo_dir, "eval_after_train=false", "model.bidirectional_audio=false",
                         "optim.lr.lora=0.01", "trainer.max_steps=3")
-    train_entry.train(cfg, run_dir)
+    recipe.train(cfg, run_dir)
     return run_dir
 
 

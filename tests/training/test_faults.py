@@ -189,19 +189,19 @@ def _poison(monkeypatch, at_steps: set[int]):
 
 
 def test_a_nan_loss_stops_the_run_with_one_sentence(make_cfg, tmp_path, monkeypatch):
-    import train as train_script
+    from gemma_fusion.training import recipe
 
     _poison(monkeypatch, {1})
     with pytest.raises(UserError, match="Non-finite loss at step 1"):
-        train_script.train(make_cfg("trainer.max_steps=3"), tmp_path / "run")
+        recipe.train(make_cfg("trainer.max_steps=3"), tmp_path / "run")
     assert not (tmp_path / "run" / "final").exists()
 
 
 def test_nan_losses_are_skipped_and_counted_when_allowed(make_cfg, tmp_path, monkeypatch):
-    import train as train_script
+    from gemma_fusion.training import recipe
 
     _poison(monkeypatch, {1, 2})
-    model = train_script.train(make_cfg("trainer.max_steps=5", "optim.max_nonfinite_skips=2"), tmp_path / "run")
+    model = recipe.train(make_cfg("trainer.max_steps=5", "optim.max_nonfinite_skips=2"), tmp_path / "run")
     assert all(torch.isfinite(p).all() for p in model.parameters())
     with (tmp_path / "run" / "metrics.csv").open(newline="") as f:
         skips = [float(r["train/nonfinite_skips"]) for r in csv.DictReader(f) if r.get("train/nonfinite_skips")]

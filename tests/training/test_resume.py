@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 from lightning.pytorch.callbacks import Callback
 
-import train as train_script
+from gemma_fusion.training import recipe
 from gemma_fusion.training import callbacks as callbacks_module
 
 BUILD_CALLBACKS = callbacks_module.build_callbacks
@@ -34,7 +34,7 @@ def _run(make_cfg, run_dir: Path, log: Path, monkeypatch, *overrides: str) -> li
     cfg = make_cfg("data.resampled=false", "data.batch_size=2", "data.num_workers=2", "data.shuffle_buffer=4",
                    "checkpoint.every_n_steps=2", "resume=auto", "eval_after_train=false", *overrides)
     before = log.read_text().count("\n") if log.exists() else 0
-    train_script.train(cfg, run_dir)
+    recipe.train(cfg, run_dir)
     return [json.loads(line) for line in log.read_text().splitlines()[before:]]
 
 

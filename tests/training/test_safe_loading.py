@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gemma_fusion.core.config import check_targets
@@ -21,17 +22,25 @@ from gemma_fusion.models.tokenizer import build_byte_tokenizer
 @pytest.mark.parametrize("override, message", [
     ("model.vision._target_=os.system", "model.vision._target_=os.system is not allowed"),
     ("model.audio._target_=builtins.exec", "model.audio._target_=builtins.exec is not allowed"),
-    ("model.vision._target_=torch.load", "model.vision._target_=torch.load is not a class"),
-    ("model.audio._target_=transformers.AutoModel.from_pretrained", "is not a class"),
+    ("model.vision._target_=torch.load", "model.vision._target_=torch.load is not allowed"),
+    ("model.audio._target_=transformers.AutoModel.from_pretrained", "is not allowed"),
     ("+trainer.strategy._target_=subprocess.Popen", "trainer.strategy._target_=subprocess.Popen is not allowed"),
-    ("model.vision._target_=torch.nn.NoSuchLayer", "cannot be imported"),
+    ("model.vision._target_=torch.nn.NoSuchLayer", "model.vision._target_=torch.nn.NoSuchLayer is not allowed"),
+    ("model.vision._target_=gemma_fusion.models.projectors.NoSuchLayer", "cannot be imported"),
+    # what the object is decides, not how its path is spelt: a function or a class reached through an allowed module
+    ("model.vision._target_=gemma_fusion.core.config.os.system", "it is a builtin_function_or_method, not a class"),
+    ("model.audio._target_=torch.nn.Linear", "model.audio._target_=torch.nn.Linear is not allowed"),
+    ("model.audio._target_=gemma_fusion.models.fusion.FusionModel", "it is gemma_fusion.models.fusion.FusionModel"),
+    ("+trainer.strategy._target_=lightning.pytorch.strategies.SingleDeviceStrategy", "is not allowed"),
+    ("+model.vision.extra._target_=gemma_fusion.models.projectors.PatchEmbedder",  # nested, though a projector
+     "model.vision.extra._target_=gemma_fusion.models.projectors.PatchEmbedder is not allowed: a _target_ may only"),
 ])
 def test_a_target_outside_the_allowlist_stops_training_before_anything_is_built(override, message, make_cfg,
                                                                                 tmp_path):
-    import train as train_script
+    from gemma_fusion.training import recipe
 
     with pytest.raises(UserError, match=message.replace(".", r"\.")):
-        train_script.train(make_cfg(override), tmp_path / "run")
+        recipe.train(make_cfg(override), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -41,6 +50,11 @@ def test_an_edited_run_config_cannot_make_the_model_builder_call_a_function(make
     cfg.model.audio._target_ = "os.system"
     with pytest.raises(UserError, match="not allowed"):
         build_model(cfg)
+    cfg = make_cfg()  # nested inside a projector's arguments (build_model is reached without the whole-config check)
+    OmegaConf.set_struct(cfg, False)
+    cfg.model.vision.eps = {"_target_": "gemma_fusion.core.config.os.system", "_args_": ["true"]}
+    with pytest.raises(UserError, match=r"model\.vision\.eps\._target_=.* is not allowed"):
+        build_model(cfg)
 
 
 def test_fsdp_layer_classes_are_checked_too():
@@ -48,6 +62,11 @@ def test_fsdp_layer_classes_are_checked_too():
 
     with pytest.raises(UserError, match="layer_classes=os.system is not allowed"):
         auto_wrap_policy(["os.system"])
+    for reached in ("transformers.models.llama.modeling_llama.torch.load",  # a function through transformers
+                    "transformers.models.llama.modeling_llama.nn.Linear",  # a torch class through transformers
+                    "transformers.AutoModel"):  # a class that is no torch.nn.Module
+        with pytest.raises(UserError, match=f"layer_classes={reached} is not allowed"):
+            auto_wrap_policy([reached])
     auto_wrap_policy(["transformers.models.llama.modeling_llama.LlamaDecoderLayer"])
 
 
@@ -92,12 +111,12 @@ class _Touch:
 
 def test_a_checkpoint_holding_python_objects_is_refused_without_running_them(make_cfg, tmp_path):
     """Resuming from a planted or altered checkpoint: torch.load(weights_only=True) refuses the object."""
-    import train as train_script
+    from gemma_fusion.training import recipe
 
     marker, planted = tmp_path / "unpickled", tmp_path / "step-0000002.ckpt"
     torch.save({"global_step": 2, "state_dict": {}, "callbacks": _Touch(marker)}, planted)
     with pytest.raises(UserError, match="holds Python objects other than tensors and plain values"):
-        train_script.train(make_cfg(f"resume={planted}", "trainer.max_steps=3"), tmp_path / "run")
+        recipe.train(make_cfg(f"resume={planted}", "trainer.max_steps=3"), tmp_path / "run")
     assert not marker.exists()
 
 
@@ -176,10 +195,15 @@ def test_trusting_remote_code_needs_a_pin_that_matches_the_files(remote_code_dir
     assert not marker.exists()
 
 
+# a Llama gives no Gemma 4 vision geometry to fill the design's null arguments from: the run names it
+LLAMA_VISION = ("model.vision.patch_size=16", "model.vision.pooling_kernel_size=3", "model.vision.posemb_size=64")
+
+
 def test_pinned_remote_code_loads_through_the_config(remote_code_dir, make_cfg):
     path, marker = remote_code_dir
     cfg = make_cfg(f"backbone.path={path}", "+backbone.trust_remote_code=true",
-                   f"+backbone.revision={code_digest(path)}", "model/vision=linear", "model/audio=none")
+                   f"+backbone.revision={code_digest(path)}", "model/vision=linear", "model/audio=none",
+                   *LLAMA_VISION)
     model = build_model(cfg)
     assert marker.read_text() == "modeling ran"
     assert is_remote_code(model.backbone.text_config)  # the checkpoint's PinnedConfig, not LlamaConfig
@@ -195,7 +219,8 @@ def test_a_run_on_remote_code_needs_consent_again_when_it_is_loaded(remote_code_
 
     path, marker = remote_code_dir
     cfg = make_cfg(f"backbone.path={path}", "+backbone.trust_remote_code=true",
-                   f"+backbone.revision={code_digest(path)}", "model/vision=linear", "model/audio=none")
+                   f"+backbone.revision={code_digest(path)}", "model/vision=linear", "model/audio=none",
+                   *LLAMA_VISION)
     run = tmp_path / "run"
     run.mkdir()
     save_yaml(cfg, run / "config.yaml")

@@ -5,19 +5,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train as train_script
+from gemma_fusion.artifacts.load import init_from_run
+from gemma_fusion.training import recipe
 from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.build import build_model
 
 
 def test_finetune_starts_from_the_align_run(make_cfg, tmp_path):
     align = tmp_path / "align"
-    train_script.train(make_cfg("experiment=align", "trainer.max_steps=2"), align)
+    recipe.train(make_cfg("experiment=align", "trainer.max_steps=2"), align)
     aligned = load_file(align / "final" / "trainable.safetensors")
     assert aligned and not any("lora_" in k for k in aligned)  # stage 1 trains no adapters
 
     cfg = make_cfg("experiment=finetune", f"model.init_from={align}", "trainer.max_steps=2")
     model = build_model(cfg)
+    init_from_run(model, cfg.model.init_from)
     params = dict(model.named_parameters())
     assert all(torch.equal(params[k], v) for k, v in aligned.items())  # projectors carried over
     assert any("lora_" in n and p.requires_grad for n, p in params.items())  # stage 2 adds LoRA
@@ -25,12 +27,13 @@ def test_finetune_starts_from_the_align_run(make_cfg, tmp_path):
 
 def test_finetune_without_a_first_stage_is_refused(make_cfg, tmp_path):
     with pytest.raises(UserError, match="final/trainable.safetensors"):
-        build_model(make_cfg("experiment=finetune", f"model.init_from={tmp_path}"))
+        init_from_run(build_model(make_cfg("experiment=finetune", f"model.init_from={tmp_path}")), tmp_path)
 
 
 def _same_losses_and_gradients(make_cfg, option: str, batches: int, atol: float, check=None) -> None:
     """Build the model with `option=false` and `option=true` from the same seed, run `batches` batches
     forward and backward, and compare the losses and the accumulated gradients."""
+    from gemma_fusion.core.schema import DataConfig
     from gemma_fusion.data.pipeline import make_loader, preprocessor_for
 
     results = []
@@ -39,7 +42,7 @@ def _same_losses_and_gradients(make_cfg, option: str, batches: int, atol: float,
         cfg = make_cfg(f"{option}={str(flag).lower()}")
         model = build_model(cfg).train()
         done = check(model, flag) if check else None
-        loader = iter(make_loader(cfg.data.train, preprocessor_for(model, 8), 4))
+        loader = iter(make_loader(DataConfig(batch_size=4), preprocessor_for(model, 8), train=True, spec=cfg.data.train))
         losses = []
         for _ in range(batches):
             loss = model(**next(loader)).loss
@@ -74,4 +77,4 @@ def test_compiled_layers_give_the_same_loss_and_gradients(make_cfg):
 
 def test_finetune_without_the_first_stage_is_one_sentence(make_cfg, tmp_path):
     with pytest.raises(UserError, match=r"pass model.init_from=RUN"):
-        train_script.train(make_cfg("experiment=finetune"), tmp_path)
+        recipe.train(make_cfg("experiment=finetune"), tmp_path)

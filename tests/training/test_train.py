@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import eval as eval_entry
-import train as train_entry
+from gemma_fusion.eval import recipe as eval_recipe
+from gemma_fusion.training import recipe
 from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.build import build_model
 
@@ -18,7 +18,7 @@ from gemma_fusion.models.build import build_model
 def test_train_then_eval_writes_the_run_directory(make_cfg, tmp_path):
     cfg = make_cfg("trainer.max_steps=4", "eval_after_train=false")
     before = dict(build_model(cfg).named_parameters())
-    trained = train_entry.train(cfg, tmp_path)
+    trained = recipe.train(cfg, tmp_path)
 
     assert (tmp_path / "config.yaml").is_file()
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
@@ -53,13 +53,13 @@ def test_train_then_eval_writes_the_run_directory(make_cfg, tmp_path):
     for name, p in trained.named_parameters():
         assert torch.equal(p, before[name]) != p.requires_grad, name
 
-    result = train_entry.run(make_cfg("trainer.max_steps=4"), tmp_path)
+    result = recipe.run(make_cfg("trainer.max_steps=4"), tmp_path)
 
     assert set(result) == {"overall", "tasks", "modalities"} and set(result["modalities"]) == {"image", "audio"}
     assert set(result["tasks"]) == {"ocr_digits", "ocr_words", "dtmf"}
     assert set(result["overall"]) == {"loss", "exact_match", "cer", "wer", "n"} and result["overall"]["n"] == 6
 
-    again = eval_entry.run(eval_entry_cfg(tmp_path))
+    again = eval_recipe.run(eval_entry_cfg(tmp_path))
     assert json.loads((tmp_path / "eval.json").read_text()) == again
     assert again["overall"]["loss"] == pytest.approx(result["overall"]["loss"], rel=1e-5)
 
@@ -116,11 +116,11 @@ def test_adapters_and_projectors_train_in_float32_on_a_bf16_backbone(make_cfg):
     assert {p.dtype for p in model.backbone.decoder.layers[0].self_attn.q_proj.base_layer.parameters()} == {torch.bfloat16}
 
 
-def test_a_projector_module_marked_keep_frozen_stays_frozen(make_cfg):
+def test_a_projector_part_listed_in_frozen_modules_stays_frozen(make_cfg):
     from gemma_fusion.models.trainable import set_trainable
 
     model = build_model(make_cfg())
-    model.vision.patch_dense.keep_frozen = True
+    model.vision.frozen_modules = lambda: [model.vision.patch_dense]
     counts = set_trainable(model)
     assert not model.vision.patch_dense.weight.requires_grad and model.vision.patch_ln1.weight.requires_grad
     frozen = sum(p.numel() for p in model.vision.patch_dense.parameters())
@@ -132,6 +132,7 @@ def test_compute_matched_runs_spend_the_budget(make_cfg, tmp_path, mode):
     """compute.match: designs of different cost get the steps that spend the same budget."""
     import yaml
 
+    from gemma_fusion.core.schema import DataConfig
     from gemma_fusion.data.pipeline import make_loader, preprocessor_for
     from gemma_fusion.training.compute import compute_report
 
@@ -139,13 +140,14 @@ def test_compute_matched_runs_spend_the_budget(make_cfg, tmp_path, mode):
     for design in ("patch_ef", "vit"):
         cfg = make_cfg(f"model/vision={design}", "eval_after_train=false")
         model = build_model(cfg)
-        report = compute_report(model, make_loader(cfg.data.val, preprocessor_for(model, 8), 4), {})
+        val = make_loader(DataConfig(eval_batch_size=4), preprocessor_for(model, 8), train=False, spec=cfg.data.val)
+        report = compute_report(model, val, {})
         per_sample = 3 * report["forward_flops_per_sample"]["total"] if mode == "flops" else report["tokens"]["per_sample"]
         budget = 3.4 * per_sample * cfg.data.batch_size  # 3.4 steps' worth for patch_ef
         if design == "patch_ef":
             patch_ef_budget = budget
         run_dir = tmp_path / design
-        train_entry.train(make_cfg(f"model/vision={design}", "eval_after_train=false", f"compute.match={mode}",
+        recipe.train(make_cfg(f"model/vision={design}", "eval_after_train=false", f"compute.match={mode}",
                                    f"compute.budget={patch_ef_budget}"), run_dir)
         matched = json.loads((run_dir / "compute.json").read_text())["matched"]
         assert matched["max_steps"] == round(patch_ef_budget / (matched["per_sample"] * cfg.data.batch_size))
@@ -160,9 +162,9 @@ def test_compute_matched_runs_spend_the_budget(make_cfg, tmp_path, mode):
 
 def test_compute_match_without_a_budget_is_one_sentence(make_cfg, tmp_path):
     with pytest.raises(UserError, match="compute.budget"):
-        train_entry.train(make_cfg("compute.match=flops"), tmp_path)
+        recipe.train(make_cfg("compute.match=flops"), tmp_path)
 
 
 def test_a_value_the_chosen_options_leave_open_is_one_sentence(make_cfg, tmp_path):
     with pytest.raises(UserError, match=r"data.train, data.val must be set"):
-        train_entry.train(make_cfg("data=shards", "data.train=???", "data.val=???"), tmp_path)
+        recipe.train(make_cfg("data=shards", "data.train=???", "data.val=???"), tmp_path)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from tests.conftest import save_tiny_siglip
 
-import train as train_entry
+from gemma_fusion.training import recipe
 from gemma_fusion.core.config import CONFIG_DIR
 from gemma_fusion.models.build import build_model
 
@@ -37,7 +37,7 @@ def test_vision_design_trains_and_saves_its_parameters(name, make_cfg, siglip_di
     cfg = vision_cfg(make_cfg, name, siglip_dir)
     L.seed_everything(cfg.seed)  # train() seeds the same way before it builds: `before` is its starting point
     before = {n: p.detach().clone() for n, p in build_model(cfg).named_parameters() if n.startswith("vision.")}
-    trained = train_entry.train(cfg, tmp_path)
+    trained = recipe.train(cfg, tmp_path)
 
     saved = load_file(tmp_path / "final" / "trainable.safetensors")
     assert set(saved) == {n for n, p in trained.named_parameters() if p.requires_grad}
@@ -52,7 +52,7 @@ def test_vision_design_trains_and_saves_its_parameters(name, make_cfg, siglip_di
 
 
 def test_a_trainable_hf_tower_trains_and_is_saved(make_cfg, siglip_dir, tmp_path):
-    train_entry.train(vision_cfg(make_cfg, "hf_vision", siglip_dir, "model.vision.trainable=true"), tmp_path)
+    recipe.train(vision_cfg(make_cfg, "hf_vision", siglip_dir, "model.vision.trainable=true"), tmp_path)
     saved = load_file(tmp_path / "final" / "trainable.safetensors")
     assert any(k.startswith("vision.tower.") for k in saved) and "vision.fc1.weight" in saved
 
@@ -60,7 +60,7 @@ def test_a_trainable_hf_tower_trains_and_is_saved(make_cfg, siglip_dir, tmp_path
 def test_a_frozen_hf_tower_stays_frozen_in_the_fusion_model(make_cfg, siglip_dir):
     model = build_model(vision_cfg(make_cfg, "hf_vision", siglip_dir))
     tower = [p.requires_grad for n, p in model.named_parameters() if n.startswith("vision.tower.")]
-    assert tower and not any(tower)  # set_trainable keeps the module marked `keep_frozen` out of training
+    assert tower and not any(tower)  # set_trainable keeps the projector's frozen_modules() out of training
     assert all(p.requires_grad for n, p in model.vision.named_parameters() if not n.startswith("tower."))
 
 

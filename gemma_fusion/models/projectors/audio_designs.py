@@ -2,7 +2,8 @@
 
 `frame_stack_mlp` and `conv1d` see one frame at a time (encoder-free, like `audio_frames`); `mel_conformer`
 (log-mel + a small encoder from scratch) and `hf_audio` (a pretrained Whisper encoder) see whole clips and
-take the frame mask (`uses_mask = True`). Tokens per second = 16000 / frame_dim for every design.
+take the frame mask (`uses_mask = True`). Tokens per second = 16000 / frame_dim for every design. Geometry,
+mask dispatch, idle inputs and frozen parts: the `AudioProjector` contract (base.py).
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import torch.nn.functional as F
 import torchaudio
 from einops import rearrange
 from torch import nn
+from transformers import AutoConfig, WhisperFeatureExtractor, WhisperModel
 
+from gemma_fusion.core.batch import SAMPLE_RATE
 from gemma_fusion.core.errors import UserError
+from gemma_fusion.models.projectors.base import AudioProjector
 from gemma_fusion.models.projectors.norms import MultimodalEmbedder
-
-SAMPLE_RATE = 16000
 
 
 def power_mel(wave: torch.Tensor, window: torch.Tensor, fbank: torch.Tensor, hop: int, pad_mode: str) -> torch.Tensor:
@@ -32,12 +34,7 @@ def power_mel(wave: torch.Tensor, window: torch.Tensor, fbank: torch.Tensor, hop
         return torch.einsum("bft,fm->bmt", spec.abs().pow(2), fbank.float())
 
 
-def frame_idle_inputs(frame_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One silent, valid frame and its mask: the dummy call of the mask-taking designs (FSDP)."""
-    return torch.zeros(1, 1, frame_dim, device=device), torch.ones(1, 1, dtype=torch.bool, device=device)
-
-
-class FrameStackProjector(nn.Module):
+class FrameStackProjector(AudioProjector):
     """`frame_stack_mlp`: sub-frame embeddings stacked k at a time, then a SwiGLU MLP (Ultravox's stacking).
 
     Signature :: frames [B, T, frame_dim] --> [B, T, out_dim]
@@ -57,17 +54,14 @@ class FrameStackProjector(nn.Module):
 
     def __init__(self, out_dim: int, frame_dim: int = 640, stack: int = 4, embed_dim: int = 256,
                  hidden_dim: int = 1024, eps: float = 1e-6):
-        super().__init__()
+        super().__init__(out_dim, frame_dim)
         if stack < 1 or frame_dim % stack:
             raise ValueError(f"frame_stack_mlp: frame_dim={frame_dim} is not divisible by stack={stack}; pick a "
                              "stack that divides it (e.g. 4 for 640-sample frames).")
-        self.frame_dim, self.out_dim, self.stack = frame_dim, out_dim, stack
+        self.stack = stack
         self.embed = MultimodalEmbedder(frame_dim // stack, embed_dim, eps)
         self.gate_up = nn.Linear(stack * embed_dim, 2 * hidden_dim)
         self.down = nn.Linear(hidden_dim, out_dim)
-
-    def idle_inputs(self, device) -> tuple[torch.Tensor]:
-        return (torch.zeros(1, 1, self.frame_dim, device=device),)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         x = rearrange(frames, "b t (k s) -> b t k s", k=self.stack)  # B, T, F -> B, T, k, F/k
@@ -76,7 +70,7 @@ class FrameStackProjector(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-class WaveConvProjector(nn.Module):
+class WaveConvProjector(AudioProjector):
     """`conv1d`: strided 1-D convolutions over each frame's samples, mean-pooled (wav2vec2's feature encoder).
 
     Signature :: frames [B, T, frame_dim] --> [B, T, out_dim]
@@ -94,10 +88,9 @@ class WaveConvProjector(nn.Module):
 
     def __init__(self, out_dim: int, frame_dim: int = 640, channels: int = 64,
                  kernels: Sequence[int] = (10, 3, 3, 3), strides: Sequence[int] = (5, 2, 2, 2)):
-        super().__init__()
+        super().__init__(out_dim, frame_dim)
         if not kernels or len(kernels) != len(strides):
             raise ValueError(f"conv1d: kernels {list(kernels)} and strides {list(strides)} need one entry per layer.")
-        self.frame_dim, self.out_dim = frame_dim, out_dim
         layers, steps = [], frame_dim
         for i, (kernel, stride) in enumerate(zip(kernels, strides)):
             steps = (steps - kernel) // stride + 1
@@ -110,9 +103,6 @@ class WaveConvProjector(nn.Module):
             layers.append(nn.GELU())
         self.convs = nn.Sequential(*layers)
         self.proj = nn.Linear(channels, out_dim)
-
-    def idle_inputs(self, device) -> tuple[torch.Tensor]:
-        return (torch.zeros(1, 1, self.frame_dim, device=device),)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         x = rearrange(frames.to(self.proj.weight.dtype), "b t f -> (b t) 1 f")
@@ -143,7 +133,7 @@ class ConvModule(nn.Module):
         return x + self.pointwise_out(F.silu(self.depthwise_norm(y)))
 
 
-class MelConformerProjector(nn.Module):
+class MelConformerProjector(AudioProjector):
     """`mel_conformer`: log-mel -> conv subsampling x4 -> `depth` Conformer-style blocks -> Linear, from scratch.
 
     Signature :: frames [B, T, frame_dim], mask [B, T] --> [B, T, out_dim]
@@ -170,10 +160,10 @@ class MelConformerProjector(nn.Module):
 
     def __init__(self, out_dim: int, frame_dim: int = 640, n_mels: int = 64, width: int = 128, depth: int = 2,
                  heads: int = 4, kernel_size: int = 15, dropout: float = 0.1):
-        super().__init__()
+        super().__init__(out_dim, frame_dim)
         if frame_dim % 4:
             raise ValueError(f"mel_conformer: frame_dim={frame_dim} must be a multiple of 4 (4 mel hops per token).")
-        self.frame_dim, self.out_dim, self.hop = frame_dim, out_dim, frame_dim // 4
+        self.hop = frame_dim // 4
         self.register_buffer("window", torch.hann_window(400), persistent=False)
         self.register_buffer("mel_fbank", torchaudio.functional.melscale_fbanks(
             201, 0.0, SAMPLE_RATE / 2, n_mels, SAMPLE_RATE), persistent=False)
@@ -186,9 +176,6 @@ class MelConformerProjector(nn.Module):
                                        norm_first=True) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, out_dim)
-
-    def idle_inputs(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return frame_idle_inputs(self.frame_dim, device)
 
     def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = frames.shape
@@ -203,7 +190,7 @@ class MelConformerProjector(nn.Module):
         return self.proj(self.norm(x))
 
 
-class HFAudioProjector(nn.Module):
+class HFAudioProjector(AudioProjector):
     """`hf_audio`: a pretrained Whisper encoder from a local directory, stacked to one vector per frame, then an MLP.
 
     Signature :: frames [B, T, frame_dim], mask [B, T] --> [B, T, out_dim]
@@ -219,7 +206,8 @@ class HFAudioProjector(nn.Module):
         path: local directory of a Whisper checkpoint (WhisperModel or WhisperForConditionalGeneration, with
             an optional preprocessor_config.json); nothing is downloaded.
         frame_dim: samples per soft token, a multiple of 320 (640: two encoder outputs per token).
-        trainable: false: the encoder is frozen (run without gradients, in eval mode); only the MLP trains.
+        trainable: false: the encoder is frozen (in `frozen_modules()`, run without gradients, in eval mode);
+            only the MLP trains.
         hidden_dim: width of the MLP; None: out_dim.
     """
 
@@ -227,9 +215,7 @@ class HFAudioProjector(nn.Module):
 
     def __init__(self, out_dim: int, path: str, frame_dim: int = 640, trainable: bool = False,
                  hidden_dim: int | None = None):
-        super().__init__()
-        from transformers import AutoConfig, WhisperFeatureExtractor, WhisperModel
-
+        super().__init__(out_dim, frame_dim)
         root = Path(path).expanduser()
         if not root.is_dir():
             raise UserError(f"hf_audio: model.audio.path={path} is not a directory; pass a local Whisper checkpoint.")
@@ -253,7 +239,7 @@ class HFAudioProjector(nn.Module):
         if frame_dim % per_output:
             raise ValueError(f"hf_audio: frame_dim={frame_dim} must be a multiple of {per_output} samples (one "
                              f"Whisper encoder output per {1000 * per_output // SAMPLE_RATE} ms).")
-        self.frame_dim, self.out_dim, self.trainable = frame_dim, out_dim, trainable
+        self.trainable = trainable
         self.stack, self.hop = frame_dim // per_output, extractor.hop_length
         self.window_samples = config.max_source_positions * per_output
         self.register_buffer("window", torch.hann_window(extractor.n_fft), persistent=False)
@@ -263,17 +249,10 @@ class HFAudioProjector(nn.Module):
                                  nn.Linear(hidden_dim, out_dim))
         if not trainable:
             self.encoder.requires_grad_(False)
-            self.encoder.keep_frozen = True  # set_trainable leaves it frozen
             self.encoder.eval()
 
-    def train(self, mode: bool = True) -> "HFAudioProjector":
-        super().train(mode)
-        if not self.trainable:
-            self.encoder.eval()  # frozen: dropout stays off
-        return self
-
-    def idle_inputs(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return frame_idle_inputs(self.frame_dim, device)
+    def frozen_modules(self) -> list[nn.Module]:
+        return [] if self.trainable else [self.encoder]
 
     def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
         """Whisper's normalised log-mel.

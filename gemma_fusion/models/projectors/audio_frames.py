@@ -6,12 +6,14 @@ scale-free RMSNorm -> Linear. Parameter names equal `embed_audio.*` of a Gemma 4
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from gemma_fusion.models.projectors.norms import MultimodalEmbedder
+from gemma_fusion.models.projectors.base import AudioProjector
+from gemma_fusion.models.projectors.norms import ScaleFreeRMSNorm
 
 
-class AudioFrameProjector(MultimodalEmbedder):
-    """Raw waveform frames -> one soft token per frame.
+class AudioFrameProjector(AudioProjector):
+    """Raw waveform frames -> one soft token per frame: Gemma 4's own `embed_audio` (`gemma4_native`).
 
     Signature :: frames [B, T, frame_dim] --> [B, T, out_dim]
 
@@ -21,11 +23,13 @@ class AudioFrameProjector(MultimodalEmbedder):
         eps: epsilon of the scale-free RMSNorm.
     """
 
-    def __init__(self, out_dim: int, frame_dim: int = 640, eps: float = 1e-6):
-        super().__init__(frame_dim, out_dim, eps)
-        self.frame_dim = frame_dim
-        self.out_dim = out_dim
+    gemma4_native = True
 
-    def idle_inputs(self, device) -> tuple[torch.Tensor]:
-        """One silent frame: what the model runs when a batch has no audio (FSDP)."""
-        return (torch.zeros(1, 1, self.frame_dim, device=device),)
+    def __init__(self, out_dim: int, frame_dim: int = 640, eps: float = 1e-6):
+        super().__init__(out_dim, frame_dim)
+        self.embedding_pre_projection_norm = ScaleFreeRMSNorm(eps)  # the names of Gemma 4's MultimodalEmbedder
+        self.embedding_projection = nn.Linear(frame_dim, out_dim, bias=False)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        x = frames.to(self.embedding_projection.weight.dtype)
+        return self.embedding_projection(self.embedding_pre_projection_norm(x))  # B, T, frame_dim -> B, T, out_dim

@@ -2,7 +2,8 @@
 
 Every design maps merged patches (side = patch_size * pooling_kernel_size pixels, flattened `(a b c)`
 row-major, channels last) and their (x, y) grid positions to ONE soft token per merged patch, so the
-data pipeline's token count never changes. Padding patches have position (-1, -1).
+data pipeline's token count never changes. Padding patches have position (-1, -1). Geometry, idle inputs
+and frozen parts: the `VisionProjector` contract (base.py).
 """
 from __future__ import annotations
 
@@ -16,21 +17,8 @@ from torch import nn
 from transformers import AutoModel
 
 from gemma_fusion.core.errors import UserError
+from gemma_fusion.models.projectors.base import VisionProjector
 from gemma_fusion.models.projectors.posemb import make_posemb, valid_patches
-
-
-class MergedPatchProjector(nn.Module):
-    """Geometry shared by the designs: a merged patch holds patch_dim = (patch_size * k)^2 * 3 values."""
-
-    def __init__(self, out_dim: int, patch_size: int, pooling_kernel_size: int):
-        super().__init__()
-        self.out_dim, self.patch_size, self.pooling_kernel_size = out_dim, patch_size, pooling_kernel_size
-        self.side = patch_size * pooling_kernel_size
-        self.patch_dim = self.side**2 * 3
-
-    def idle_inputs(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """One blank patch at (0, 0), a 1 x 1 image: what the model runs when a batch has no image (FSDP)."""
-        return (torch.zeros(1, 1, self.patch_dim, device=device), torch.zeros(1, 1, 2, dtype=torch.long, device=device))
 
 
 def row_ends(position_ids: torch.Tensor) -> torch.Tensor:
@@ -42,7 +30,7 @@ def row_ends(position_ids: torch.Tensor) -> torch.Tensor:
     return valid & (col == last.gather(1, row))
 
 
-class LinearPatchProjector(MergedPatchProjector):
+class LinearPatchProjector(VisionProjector):
     """`linear` (Fuyu-style): one Linear per merged patch, + 2D position, + a learned row-end vector.
 
     Signature :: pixel_values [B, P, patch_dim], position_ids [B, P, 2] --> [B, P, out_dim]
@@ -64,7 +52,7 @@ class LinearPatchProjector(MergedPatchProjector):
         return x + row_ends(position_ids).unsqueeze(-1).to(x.dtype) * self.row_end
 
 
-class MLPPatchProjector(MergedPatchProjector):
+class MLPPatchProjector(VisionProjector):
     """`mlp2x_gelu` (LLaVA-1.5-style): Linear -> GELU -> + 2D position -> Linear, per merged patch.
 
     Signature :: pixel_values [B, P, patch_dim], position_ids [B, P, 2] --> [B, P, out_dim]
@@ -85,7 +73,7 @@ class MLPPatchProjector(MergedPatchProjector):
         return self.fc2(self.posemb(x, position_ids))
 
 
-class ConvStemProjector(MergedPatchProjector):
+class ConvStemProjector(VisionProjector):
     """`conv_stem` (EVEv2-style): Conv(patch_size) -> GELU -> Conv(k) -> + 2D position -> Linear.
 
     Signature :: pixel_values [B, P, patch_dim], position_ids [B, P, 2] --> [B, P, out_dim]
@@ -103,6 +91,7 @@ class ConvStemProjector(MergedPatchProjector):
     def __init__(self, out_dim: int, patch_size: int = 16, pooling_kernel_size: int = 3, stem_dim: int = 128,
                  merge_dim: int = 256, posemb: str = "table", posemb_size: int = 64):
         super().__init__(out_dim, patch_size, pooling_kernel_size)
+        self.side = patch_size * pooling_kernel_size
         self.conv1 = nn.Conv2d(3, stem_dim, kernel_size=patch_size, stride=patch_size)
         self.conv2 = nn.Conv2d(stem_dim, merge_dim, kernel_size=pooling_kernel_size, stride=pooling_kernel_size)
         self.posemb = make_posemb(posemb, merge_dim, posemb_size)
@@ -115,7 +104,7 @@ class ConvStemProjector(MergedPatchProjector):
         return self.proj(self.posemb(x, position_ids))
 
 
-class PixelShuffleProjector(MergedPatchProjector):
+class PixelShuffleProjector(VisionProjector):
     """`pixel_shuffle` (InternVL / Idefics3-style): sub-patch Linear, space-to-depth k x k, then an MLP.
 
     Signature :: pixel_values [B, P, patch_dim], position_ids [B, P, 2] --> [B, P, out_dim]
@@ -145,7 +134,7 @@ class PixelShuffleProjector(MergedPatchProjector):
         return self.fc2(self.posemb(x, position_ids))
 
 
-class ViTProjector(MergedPatchProjector):
+class ViTProjector(VisionProjector):
     """`vit`: a small ViT trained from scratch over the merged patches of each image, then an MLP.
 
     Signature :: pixel_values [B, P, patch_dim], position_ids [B, P, 2] --> [B, P, out_dim]
@@ -178,7 +167,7 @@ class ViTProjector(MergedPatchProjector):
         return x.masked_fill(padding.unsqueeze(-1), 0.0)
 
 
-class HFVisionProjector(MergedPatchProjector):
+class HFVisionProjector(VisionProjector):
     """`hf_vision`: a transformers vision tower (SigLIP-like) from a local directory, pooled to one token
     per merged patch, then Linear -> GELU -> + 2D position -> Linear.
 
@@ -192,8 +181,8 @@ class HFVisionProjector(MergedPatchProjector):
 
     Args:
         path: local directory of a transformers checkpoint (a vision model, or a model with `.vision_model`).
-        trainable: train the tower too; False freezes it (requires_grad False, `keep_frozen` for
-            `set_trainable`, kept in eval mode).
+        trainable: train the tower too; False freezes it (requires_grad False, in `frozen_modules()`, so
+            `set_trainable` leaves it frozen and `train()` keeps it in eval mode).
         posemb: extra 2D position before the last Linear; "none" by default (the tower has its own).
     The tower is loaded in float32, like the other projectors.
     """
@@ -201,6 +190,7 @@ class HFVisionProjector(MergedPatchProjector):
     def __init__(self, out_dim: int, patch_size: int = 16, pooling_kernel_size: int = 3, *, path: str,
                  trainable: bool = False, posemb: str = "none", posemb_size: int = 64):
         super().__init__(out_dim, patch_size, pooling_kernel_size)
+        self.side = patch_size * pooling_kernel_size
         root = Path(path).expanduser()
         if not root.is_dir():
             raise UserError(f"model.vision.path={path} is not a local directory with a transformers vision model.")
@@ -220,17 +210,13 @@ class HFVisionProjector(MergedPatchProjector):
         self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
         self.tower = tower.requires_grad_(trainable)
-        self.tower.keep_frozen = not trainable  # set_trainable leaves a module marked so frozen
         self.trainable = trainable
         self.fc1 = nn.Linear(tower.config.hidden_size, out_dim)
         self.posemb = make_posemb(posemb, out_dim, posemb_size)
         self.fc2 = nn.Linear(out_dim, out_dim)
 
-    def train(self, mode: bool = True) -> "HFVisionProjector":
-        super().train(mode)
-        if not self.trainable:
-            self.tower.eval()  # frozen: dropout stays off
-        return self
+    def frozen_modules(self) -> list[nn.Module]:
+        return [] if self.trainable else [self.tower]
 
     def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         valid = valid_patches(position_ids)  # B, P

@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gemma_fusion.models.projectors.base import VisionProjector
 from gemma_fusion.models.projectors.norms import MultimodalEmbedder
 
 
-class PatchEmbedder(nn.Module):
+class PatchEmbedder(VisionProjector):
     """Raw merged patches + 2D positions -> one soft token per patch.
 
     Signature :: pixel_values [B, P, patch_dim], position_ids [B, P, 2] --> [B, P, out_dim]
@@ -27,8 +28,10 @@ class PatchEmbedder(nn.Module):
         posemb_size: rows of the factorised position table (largest x or y + 1).
         eps: epsilon of the scale-free RMSNorm.
     Padding patches carry position (-1, -1): they get no position embedding and are dropped by the
-    caller.
+    caller. Gemma 4's own `embed_vision` (`gemma4_native`).
     """
+
+    gemma4_native = True
 
     def __init__(
         self,
@@ -39,20 +42,14 @@ class PatchEmbedder(nn.Module):
         posemb_size: int = 1120,
         eps: float = 1e-6,
     ):
-        super().__init__()
-        patch_dim = (patch_size * pooling_kernel_size) ** 2 * 3
-        self.patch_size, self.pooling_kernel_size, self.patch_dim = patch_size, pooling_kernel_size, patch_dim
+        super().__init__(out_dim, patch_size, pooling_kernel_size)
+        patch_dim = self.patch_dim
         self.patch_ln1 = nn.LayerNorm(patch_dim)
         self.patch_dense = nn.Linear(patch_dim, embed_dim)
         self.patch_ln2 = nn.LayerNorm(embed_dim)
         self.pos_embedding = nn.Parameter(torch.randn(posemb_size, 2, embed_dim) * 0.02)
         self.pos_norm = nn.LayerNorm(embed_dim)
         self.multimodal_embedder = MultimodalEmbedder(embed_dim, out_dim, eps)
-        self.out_dim = out_dim
-
-    def idle_inputs(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """One blank patch at position (0, 0): what the model runs when a batch has no image (FSDP)."""
-        return (torch.zeros(1, 1, self.patch_dim, device=device), torch.zeros(1, 1, 2, dtype=torch.long, device=device))
 
     def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         x = pixel_values.to(self.patch_dense.weight.dtype)
