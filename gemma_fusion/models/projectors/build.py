@@ -58,7 +58,7 @@ def filled_nulls(args: dict, ckpt_args: dict, design: type, name: str, saved: bo
     class default (64), and falling back silently would train another design than the config says. `saved`: the config of
     a run trained already, loaded again: such a null takes the constructor's default, as it did when runs made before
     this rule were trained (a new run cannot have one)."""
-    params = inspect.signature(design.__init__).parameters  # (the contract's metaclass hides the class's own)
+    params = inspect.signature(design.__init__).parameters
     unfilled = []
     for key, value in list(args.items()):
         if value is not None:
