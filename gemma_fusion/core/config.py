@@ -1,7 +1,7 @@
 """Hydra/OmegaConf glue: the `${project_root:}` resolver, the resolved config as plain YAML, command-line checks
 and the `_target_` policy.
 
-A config may come from someone else (a downloaded run's config.yaml, an export's export.json), so it is data
+A config may come from someone else (a downloaded run's saved config, an export's metadata), so it is data
 that must never reach an arbitrary function or class. `check_targets` lets a `_target_` stand only at the root
 of a component node (COMPONENTS: model.vision, model.audio, trainer.strategy) and name only a class that
 implements the projector contract (a subclass of `Buildable`) or, at trainer.strategy, one of the Lightning
@@ -223,9 +223,9 @@ def check_targets(cfg, where: str = "", source: str = "") -> None:
     """The `_target_` policy on a config (a DictConfig or plain containers) whose key is `where` ("" for a whole
     composed config): `_target_` only at the root of COMPONENTS, each naming an allowed class (`check_target`).
 
-    Run before anything is imported or built from a config: a run's config.yaml, an export's export.json and
+    Run before anything is imported or built from a config: a run's saved config, an export's metadata and
     command-line overrides. Both the written values and, where they resolve, the resolved ones are checked
-    (a resolver such as `oc.decode` could turn a string into a node). `source` (e.g. `run=RUN/config.yaml`)
+    (a resolver such as `oc.decode` could turn a string into a node). `source` (the file the config came from)
     heads the message.
     """
     views = [OmegaConf.to_container(cfg, resolve=False), _resolved(cfg)] if OmegaConf.is_config(cfg) else [cfg]

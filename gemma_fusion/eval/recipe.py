@@ -1,6 +1,6 @@
 """The evaluation recipe behind `python eval.py run=RUN [compare=[RUN_B,...]] [data.eval=SHARDS]`.
 
-One run: greedy generation on its data.val (or data.eval) -> RUN/eval.json and a table. With `compare`, every run
+One run: greedy generation on its data.val (or data.eval) -> `RunDir.eval` and a table. With `compare`, every run
 on the same shards, side by side with paired bootstrap intervals -> RUN/eval_compare.json (eval/compare.py).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from gemma_fusion.eval.evaluate import evaluate_into
 
 
 def run(cfg: DictConfig) -> dict:
-    """RUN's evaluation (RUN/eval.json), or with `cfg.compare` the comparison (RUN/eval_compare.json), from
+    """RUN's evaluation (`RunDir.eval`), or with `cfg.compare` the comparison (RUN/eval_compare.json), from
     configs/eval.yaml's keys: run, compare, data.eval, data.batch_size, max_new_tokens, trust_remote_code."""
     run_dirs = [Path(cfg.run), *map(Path, cfg.compare or [])]
     results, val_sets = [], set()

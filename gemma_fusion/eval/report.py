@@ -1,7 +1,7 @@
 """A sweep's report: `python -m gemma_fusion.report DIR` -> DIR/report.md and PNG plots.
 
 DIR is a `python train.py -m ... hydra.sweep.dir=DIR` directory: one run per job (`DIR/<n>/` with
-`.hydra/overrides.yaml`, `config.yaml`, `compute.json`, `metrics.csv`, `eval.json`). Runs that differ
+its overrides, config, compute report, metrics and evaluation: `RunDir`). Runs that differ
 only in `seed` form one design; every figure is the mean ± standard deviation over its seeds.
 
 Writes:

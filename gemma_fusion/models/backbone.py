@@ -153,7 +153,7 @@ def remote_code_options(backbone_cfg) -> dict:
 
 
 def check_remote_code_consent(cfg, where: str, trusted: bool) -> None:
-    """A run's config.yaml (perhaps someone else's) cannot by itself make gemma_fusion run a checkpoint's own
+    """A run's saved config (perhaps someone else's) cannot by itself make gemma_fusion run a checkpoint's own
     Python code: the user who loads the run says so again."""
     if cfg.backbone.get("trust_remote_code") and not trusted:
         raise UserError(f"{where} uses a backbone that runs its own Python code ({cfg.backbone.path}, pinned "

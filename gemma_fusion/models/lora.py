@@ -70,7 +70,7 @@ def save_peft_adapter(model: FusionModel, out_dir: str | Path, backbone_path: st
         backbone_path: recorded as `base_model_name_or_path`.
         lora_config: the `lora` config node (`r`, `alpha`, `dropout`, `target_modules`, `use_dora`); it must
             describe the adapters the model carries. None: taken from the injected adapters.
-    Only the adapters are written: trained projectors stay in `trainable.safetensors`.
+    Only the adapters are written: trained projectors stay in the run's trainable weights (`RunDir.trainable`).
     """
     injected = _injected_config(model.backbone.decoder)
     if lora_config is None:

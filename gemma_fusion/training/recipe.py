@@ -1,10 +1,10 @@
 """The training recipe behind `python train.py`: setup -> fit -> finalize (-> evaluation).
 
-    setup(cfg, run_dir)   every model-free check (training/startup.py), RUN/config.yaml, the demo data and tiny
+    setup(cfg, run_dir)   every model-free check (training/startup.py), the run's config (`RunDir.config`), the demo data and tiny
                           backbone (made once, cached), the model, the loaders, compute matching, the Trainer
     fit(job)              trainer.fit (resume, SIGTERM/SIGUSR1: checkpoint and exit 0), metrics stitched
     finalize(job)         the final weights, the peft adapter, the merge; returns the trained FusionModel
-    run(cfg, run_dir)     all three, then greedy-generation evaluation on data.val -> RUN/eval.json
+    run(cfg, run_dir)     all three, then greedy-generation evaluation on data.val -> `RunDir.eval`
 
 With several processes every rank runs the recipe; global rank 0 alone writes RUN's files and evaluates.
 """
@@ -168,7 +168,7 @@ def train(cfg: DictConfig, run_dir: Path) -> FusionModel:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """train(), then greedy-generation evaluation on all of data.val -> RUN/eval.json (with eval_after_train), by
+    """train(), then greedy-generation evaluation on all of data.val -> `RunDir.eval` (with eval_after_train), by
     global rank 0 alone; returns the evaluation ({} when none ran)."""
     model = train(cfg, run_dir)
     if rank_zero_only.rank != 0 or not cfg.eval_after_train:
