@@ -55,8 +55,8 @@ def _read_json(path: Path) -> dict | None:
 
 
 @dataclass(frozen=True)
-class RunDir:
-    """A train.py run directory (see the module docstring). Paths only: nothing is created until written."""
+class _Directory:
+    """A directory of a known layout: `root` (a str or Path, `~` expanded); paths only, nothing is created."""
 
     root: Path
 
@@ -65,6 +65,11 @@ class RunDir:
 
     def __str__(self) -> str:
         return str(self.root)
+
+
+@dataclass(frozen=True)
+class RunDir(_Directory):
+    """A train.py run directory (see the module docstring). Paths only: nothing is created until written."""
 
     # --- the files and folders -------------------------------------------------------------------------------
     @property
@@ -188,16 +193,8 @@ class RunDir:
 
 
 @dataclass(frozen=True)
-class ExportDir:
+class ExportDir(_Directory):
     """A `python -m gemma_fusion.export` directory (see the module docstring)."""
-
-    root: Path
-
-    def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root).expanduser())
-
-    def __str__(self) -> str:
-        return str(self.root)
 
     @property
     def meta(self) -> Path:
@@ -217,13 +214,8 @@ class ExportDir:
 
 
 @dataclass(frozen=True)
-class SweepDir:
+class SweepDir(_Directory):
     """A `hydra.sweep.dir`: one run per job, and the report `python -m gemma_fusion.report` writes."""
-
-    root: Path
-
-    def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root).expanduser())
 
     def jobs(self) -> list[RunDir]:
         """The jobs' run directories in the order the sweep ran them (numbered first, by number)."""
