@@ -115,7 +115,9 @@ class LoadedBackbone:
     bidirectional_image: bool
 
 
-def _read_config(path: Path, trust_remote_code: bool = False, revision: str | None = None):
+def check_backbone_dir(path: Path) -> None:
+    """`path` holds a transformers checkpoint gemma_fusion can load: a directory with config.json and safetensors
+    weights (read nothing else: a start-up check, before any model is built)."""
     if not path.is_dir():
         raise UserError(
             f"backbone.path={path} does not exist or is not a directory; pass a local directory holding a "
@@ -128,6 +130,10 @@ def _read_config(path: Path, trust_remote_code: bool = False, revision: str | No
             f"backbone.path={path} holds no *.safetensors weights; gemma_fusion loads weights only from safetensors "
             "(convert with `model.save_pretrained(dir, safe_serialization=True)`)."
         )
+
+
+def _read_config(path: Path, trust_remote_code: bool = False, revision: str | None = None):
+    check_backbone_dir(path)
     raw = json.loads((path / "config.json").read_text())
     model_type = raw.get("model_type")
     known = model_type == "gemma4_unified" or model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from gemma_fusion.models.backbone import check_backbone_dir as check_checkpoint_dir
 from gemma_fusion.artifacts.rundir import RunDir
 from gemma_fusion.core.config import CONFIG_DIR, check_targets, check_values, to_plain
 from gemma_fusion.core.errors import UserError
@@ -61,9 +62,8 @@ def check_init_from(model: DictConfig) -> None:
 
 def check_backbone_dir(backbone: DictConfig) -> None:
     """`backbone.path` is a directory, unless the project pretrains it there (`backbone.pretrain`)."""
-    if not backbone.get("pretrain") and not Path(str(backbone.path)).expanduser().is_dir():
-        raise UserError(f"backbone.path={backbone.path} does not exist or is not a directory; pass a local directory "
-                        "holding a transformers checkpoint (config.json + *.safetensors + tokenizer files).")
+    if not backbone.get("pretrain"):
+        check_checkpoint_dir(Path(str(backbone.path)).expanduser())
 
 
 def demo_dir() -> Path:
