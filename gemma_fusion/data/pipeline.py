@@ -22,7 +22,7 @@ import torch
 from gemma_fusion.data.audio import AudioPreprocessor
 from gemma_fusion.data.batching import batch_stage
 from gemma_fusion.data.image import MAX_MEGAPIXELS, ImagePreprocessor
-from gemma_fusion.data.sequence import build_sequence
+from gemma_fusion.data.sequence import build_sequence, encode_text
 from gemma_fusion.data.sources import ShardStream, mix, mixture_components, resolve_shards, warn_if_too_few_shards
 from gemma_fusion.data.sources import worker_info
 from gemma_fusion.data.state import DataStats, StreamState, check_bad_fraction
@@ -68,6 +68,11 @@ class SamplePreprocessor:
     audio: AudioPreprocessor | None
     max_length: int | None = None
     require_target: bool = True
+
+    def __post_init__(self):
+        # Tokenize once here, in the caller's process: a model without a tokenizer (a checkpoint saved without one)
+        # stops with its one sentence now, not in a loader worker where it would be counted as a bad sample.
+        encode_text(self.tokenizer, "")
 
     def __call__(self, raw: dict) -> dict:
         where = f"sample {raw.get('__key__')} of {raw.get('__url__')}"

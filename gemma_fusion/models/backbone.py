@@ -41,13 +41,15 @@ class Backbone(nn.Module):
     LM head only at target positions; with a `cache` it is also the decoding step of generation.
     """
 
-    def __init__(self, decoder: nn.Module, lm_head: nn.Module, text_config, model_type: str):
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module, text_config, model_type: str,
+                 placeholder_ids: tuple[int, ...] = ()):
         super().__init__()
         self.decoder = decoder
         self.lm_head = lm_head
         self.text_config = text_config
         self.model_type = model_type
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        self.placeholder_ids = tuple(placeholder_ids)
 
     @property
     def hidden_size(self) -> int:
@@ -58,7 +60,14 @@ class Backbone(nn.Module):
         return self.lm_head.weight.dtype
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, S] token ids -> [B, S, H] embeddings (with the model's own embedding scale)."""
+        """[B, S] token ids -> [B, S, H] embeddings (with the model's own embedding scale).
+
+        `placeholder_ids` (Gemma 4's image, audio and video tokens) embed as pad wherever they stand, as in
+        transformers: soft tokens replace them afterwards, and one that generation produces has none to get.
+        """
+        if self.placeholder_ids:
+            placeholders = torch.tensor(self.placeholder_ids, device=input_ids.device)
+            input_ids = input_ids.masked_fill(torch.isin(input_ids, placeholders), self.text_config.pad_token_id)
         return self.decoder.get_input_embeddings()(input_ids)
 
     def forward(
@@ -115,9 +124,42 @@ class LoadedBackbone:
     bidirectional_image: bool
 
 
-def check_backbone_dir(path: Path) -> None:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def has_tokenizer(path: Path) -> bool:
+    """`path` holds tokenizer files (whether transformers can read them is `AutoTokenizer`'s own check)."""
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+def no_tokenizer_error(path: Path, needed_by: str = "turning text into tokens and back (training, evaluation, "
+                       "generation)") -> UserError:
+    return UserError(f"backbone.path={path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); "
+                     f"{needed_by} needs them: save the model's tokenizer there, e.g. "
+                     f"AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained('{path}').")
+
+
+class NoTokenizer:
+    """The tokenizer of a Gemma 4 unified checkpoint saved without one (`save_pretrained` of the model alone): the
+    model builds and runs from its config's special token ids; any use of the tokenizer raises one sentence."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # copy and pickle probe for dunders: answer as a plain object does
+            raise AttributeError(name)
+        raise no_tokenizer_error(self.path)
+
+    def __call__(self, *args, **kwargs):
+        raise no_tokenizer_error(self.path)
+
+
+def check_backbone_dir(path: Path, text: bool = False) -> None:
     """`path` holds a transformers checkpoint gemma_fusion can load: a directory with config.json and safetensors
-    weights (read nothing else: a start-up check, before any model is built)."""
+    weights (read nothing else: a start-up check, before any model is built). `text`: the caller turns text into
+    tokens (training), so the directory must hold tokenizer files too."""
     if not path.is_dir():
         raise UserError(
             f"backbone.path={path} does not exist or is not a directory; pass a local directory holding a "
@@ -130,6 +172,8 @@ def check_backbone_dir(path: Path) -> None:
             f"backbone.path={path} holds no *.safetensors weights; gemma_fusion loads weights only from safetensors "
             "(convert with `model.save_pretrained(dir, safe_serialization=True)`)."
         )
+    if text and not has_tokenizer(path):
+        raise no_tokenizer_error(path)
 
 
 def _read_config(path: Path, trust_remote_code: bool = False, revision: str | None = None):
@@ -211,6 +255,10 @@ def read_backbone_spec(path: str | Path, trust_remote_code: bool = False, revisi
     """
     path = Path(path).expanduser()
     config, model_type = _read_config(path, trust_remote_code, revision)
+    if not has_tokenizer(path):
+        if model_type == "gemma4_unified":  # its special token ids are in config.json: the model builds without one
+            return gemma4_spec(config, NoTokenizer(path))
+        raise no_tokenizer_error(path, f"a model_type '{model_type}' checkpoint (its special tokens come from them)")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if model_type == "gemma4_unified":
         return gemma4_spec(config, tokenizer)
@@ -302,8 +350,10 @@ def check_not_quantized_export(path: Path) -> None:
 def split_full_model(full: nn.Module, spec: BackboneSpec) -> LoadedBackbone:
     """A loaded transformers model -> the frozen Backbone (decoder + LM head) and, for Gemma 4 unified, the
     embedder weights its projectors start from (`spec.multimodal` is filled in place)."""
+    placeholder_ids = ()
     if spec.model_type == "gemma4_unified":
         decoder, lm_head = full.model.language_model, full.lm_head
+        placeholder_ids = (full.config.image_token_id, full.config.audio_token_id, full.config.video_token_id)
         text_config = decoder.config  # the live config: it carries the attention implementation
         if full.model.embed_vision is None:
             spec.multimodal.vision = {}
@@ -315,7 +365,7 @@ def split_full_model(full: nn.Module, spec: BackboneSpec) -> LoadedBackbone:
             spec.multimodal.audio_state = full.model.embed_audio.state_dict()
     else:
         decoder, lm_head, text_config = full.get_decoder(), full.get_output_embeddings(), full.config
-    backbone = Backbone(decoder, lm_head, text_config, spec.model_type)
+    backbone = Backbone(decoder, lm_head, text_config, spec.model_type, placeholder_ids)
     backbone.requires_grad_(False)
     backbone.eval()
     return LoadedBackbone(backbone, spec.tokenizer, spec.tokens, spec.multimodal, spec.bidirectional_image)

@@ -1,10 +1,13 @@
-"""KV-cached generation against full re-computation: same logits, same tokens, one new token per step."""
+"""KV-cached generation against transformers' own `generate` and against full re-computation: same tokens, same
+logits, one new token per step."""
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
+from transformers import Gemma4UnifiedForConditionalGeneration
 
 from gemma_fusion import FusionModel
 from gemma_fusion.inference.generate import CachedDecoder, FullDecoder, generate, greedy_generate
@@ -26,6 +29,51 @@ def _row(batch: dict, i: int) -> dict:
     media = {k: batch[k][i : i + 1] for k in ("pixel_values", "image_position_ids", "input_features",
                                                "input_features_mask")}
     return {**text, **media}
+
+
+@torch.no_grad()
+def test_greedy_tokens_equal_transformers_generate(tiny_gemma4_sliding_dir):
+    """Image + audio prompts longer than the 8-token window; random weights left unsharpened, so greedy output
+    varies from step to step (asserted), with no near-ties (asserted): agreement is neither trivial nor luck."""
+    ours = FusionModel.from_pretrained(tiny_gemma4_sliding_dir).eval()
+    theirs = Gemma4UnifiedForConditionalGeneration.from_pretrained(tiny_gemma4_sliding_dir).eval()
+    batch = prompt_batch(ours)
+    assert int(batch["attention_mask"].sum(1).min()) > theirs.config.text_config.sliding_window
+    got = greedy_generate(ours, batch, max_new_tokens=12)  # all rows at once, cached
+    for i, tokens in enumerate(got):
+        row = _row(batch, i)
+        out = theirs.generate(**row, max_new_tokens=12, do_sample=False, output_scores=True,
+                              return_dict_in_generate=True)
+        want = out.sequences[0, row["input_ids"].shape[1]:].tolist()
+        if ours.tokens.eos in want:  # transformers keeps the eos (then pads); ours stops before it
+            want = want[: want.index(ours.tokens.eos)]
+        top2 = torch.stack(out.scores)[:, 0].topk(2, dim=-1).values
+        assert float((top2[:, 0] - top2[:, 1]).min()) > 1e-3, f"row {i}: a near-tie makes greedy ill-posed"
+        assert len(set(want)) >= 6, f"row {i}: the output barely varies, a weak test"
+        assert tokens == want, f"row {i}"
+
+
+@torch.no_grad()
+def test_a_generated_placeholder_token_is_embedded_as_transformers_does(tiny_gemma4_sliding_dir):
+    """Teacher-forced decode steps feeding Gemma 4's image, audio and video placeholder ids (a model may generate
+    them; transformers embeds them as pad, having no soft tokens for them) against transformers' own cached steps."""
+    ours = FusionModel.from_pretrained(tiny_gemma4_sliding_dir).eval()
+    theirs = Gemma4UnifiedForConditionalGeneration.from_pretrained(tiny_gemma4_sliding_dir).eval()
+    row = _row(prompt_batch(ours), 2)
+    config = theirs.config
+    forced = [config.image_token_id, 40, config.audio_token_id, config.video_token_id, 41]
+    decoder = CachedDecoder(ours, row)
+    got = [decoder.start()]
+    for token in forced:
+        got.append(decoder.step(torch.tensor([token]), torch.ones(1, dtype=torch.bool)))
+    out = theirs(**row, use_cache=True)
+    mask, want = row["attention_mask"], [out.logits[:, -1]]
+    for token in forced:
+        mask = F.pad(mask, (0, 1), value=1)
+        out = theirs(input_ids=torch.tensor([[token]]), attention_mask=mask, cache=out.cache, use_cache=True)
+        want.append(out.logits[:, -1])
+    for step, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-4, msg=f"step {step}")
 
 
 @torch.no_grad()
