@@ -151,6 +151,8 @@ class TrainerConfig:
     accumulate_grad_batches: int = field(default=1, metadata=_at_least(1, "an integer >= 1"))
     log_every_n_steps: int = field(default=50, metadata=_at_least(1, "an integer >= 1"))
     enable_progress_bar: bool = True
+    deterministic: Any = field(default=None, metadata=rule(lambda v: v is True or v is False or v == "warn",
+                                                           "null, true, false or warn"))
 
 
 @dataclass

@@ -5,12 +5,26 @@ Positions are (x = column, y = row) per patch; padding patches carry (-1, -1) an
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 def valid_patches(position_ids: torch.Tensor) -> torch.Tensor:
     """[..., 2] positions -> [...] bool: True for real patches, False for padding (-1)."""
     return (position_ids != -1).all(-1)
+
+
+def table_lookup(table: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Rows P[x, 0] and P[y, 1] of a factorised table [size, 2, dim] -> [..., 2, dim] (padding reads row 0: mask it).
+
+    Signature :: table [size, 2, dim], position_ids [..., 2] --> [..., 2, dim]
+
+    A lookup (`F.embedding`), not `table[x, axes]`: on CPU the backward of advanced indexing (index_put_ with
+    accumulate) adds into repeated rows atomically from several threads, in an order that changes from run to run,
+    so two runs with one seed drifted apart (issue 16); embedding's backward sums each row on one thread, in order.
+    """
+    rows = position_ids.clamp(min=0).long() * 2 + torch.arange(2, device=position_ids.device)  # ..., 2: 2x + 0, 2y + 1
+    return F.embedding(rows, table.flatten(0, 1))  # size * 2, dim -> ..., 2, dim
 
 
 class TablePosemb(nn.Module):
@@ -31,8 +45,7 @@ class TablePosemb(nn.Module):
                 "lower the image token budget or raise posemb_size."
             )
         valid = valid_patches(position_ids).unsqueeze(-1)  # B, P, 1
-        axes = torch.arange(2, device=position_ids.device)
-        pos = self.table[position_ids.clamp(min=0).long(), axes].sum(-2)  # B, P, 2, dim -> B, P, dim
+        pos = table_lookup(self.table, position_ids).sum(-2)  # B, P, 2, dim -> B, P, dim
         return x + (pos * valid).to(x.dtype)
 
 

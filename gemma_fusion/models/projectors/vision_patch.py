@@ -12,6 +12,7 @@ from torch import nn
 
 from gemma_fusion.models.projectors.base import VisionProjector
 from gemma_fusion.models.projectors.norms import MultimodalEmbedder
+from gemma_fusion.models.projectors.posemb import table_lookup
 
 
 class PatchEmbedder(VisionProjector):
@@ -60,7 +61,6 @@ class PatchEmbedder(VisionProjector):
                 f"{self.pos_embedding.shape[0]} rows; lower the image token budget or raise posemb_size."
             )
         valid = (position_ids != -1).to(x.dtype).unsqueeze(-1)  # B, P, 2, 1
-        axes = torch.arange(2, device=position_ids.device)
-        pos = (self.pos_embedding[position_ids.clamp(min=0).long(), axes] * valid).sum(-2)  # B, P, 2, E -> B, P, E
+        pos = (table_lookup(self.pos_embedding, position_ids) * valid).sum(-2)  # B, P, 2, E -> B, P, E
         x = self.pos_norm(x + pos.to(x.dtype))
         return self.multimodal_embedder(x)  # B, P, E -> B, P, out_dim
