@@ -73,7 +73,8 @@ def main() -> None:
         tmp = Path(tmp)
         data = Path(args.data)
         if not data.is_dir():
-            data = ensure_demo_data(tmp / "demo", train_per_task=1000, val_per_task=1, progress=False) / "train"
+            data = ensure_demo_data(tmp / "demo", train_per_task=1000, val_per_task=1, test_per_task=1,
+                                    progress=False) / "train"
         preprocess, _ = preprocessor(tmp)
 
         def loader(**batching):

@@ -195,7 +195,7 @@ def demo_dir(tmp_path_factory):
     from gemma_fusion.data.demo import ensure_demo_data
 
     return ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo", train_per_task=6, val_per_task=2,
-                            samples_per_shard=8, num_workers=1, progress=False)
+                            test_per_task=2, samples_per_shard=8, num_workers=1, progress=False)
 
 
 def test_make_loader_reads_the_demo_config(tiny_gemma4_dir, demo_dir):

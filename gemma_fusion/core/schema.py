@@ -56,9 +56,11 @@ class DataConfig:
 
     train: Any = None            # shards: a directory, glob, brace pattern, URL, list, or {spec: weight} mixture
     val: Any = None
+    test: Any = None             # held-out shards that training never reads (`eval.py data.eval=test`)
     prepare_demo: bool = False   # generate the demo data at `train`'s parent if it is missing
     demo_train_per_task: Any = None  # an int or {task: count}
     demo_val_per_task: Any = None
+    demo_test_per_task: Any = None
     image_tokens: int = field(default=280, metadata=_at_least(1, "an integer >= 1 (soft tokens per image)"))
     audio_max_seconds: Optional[float] = field(default=None, metadata=rule(lambda v: v > 0, "null or a number > 0"))
     batch_size: int = field(default=8, metadata=_at_least(1, "an integer >= 1"))
@@ -213,7 +215,7 @@ class TrainConfig:
 
 @dataclass
 class EvalDataConfig:
-    eval: Any = None             # shards to evaluate; null: the run's data.val
+    eval: Any = None             # shards to evaluate, or val / test: the run's data.val / data.test; null: val
     batch_size: Optional[int] = field(default=None, metadata=_at_least(1, "null or an integer >= 1"))
 
 

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gemma_fusion.artifacts.rundir import RunDir
+from gemma_fusion.core.config import to_plain
+from gemma_fusion.core.errors import UserError
 from gemma_fusion.core.schema import data_config
 from gemma_fusion.eval.metrics import score
 from gemma_fusion.inference.generate import greedy_generate
@@ -18,6 +20,7 @@ from gemma_fusion.core.batch import IGNORE_INDEX
 from gemma_fusion.data.pipeline import make_loader, run_preprocessor
 from gemma_fusion.models.fusion import FusionModel
 
+SPLITS = ("val", "test")  # `data.eval=val|test`: the run's data.val / data.test
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_position_ids", "input_features",
               "input_features_mask", "labels", "mm_token_type_ids")
 
@@ -77,16 +80,40 @@ def print_table(result: dict) -> None:
         print(f"{name:<12} {m['n']:>5} {m['loss']:>8.4f} {m['exact_match']:>7.3f} {m['cer']:>7.3f} {m['wer']:>7.3f}")
 
 
+def eval_shards(data, spec=None) -> dict:
+    """{"split", "shards"}: what `spec` names among the run's `data` splits. null or `val` -> data.val, `test` ->
+    data.test, other shards -> themselves, with split `val` / `test` when they are the run's, else null."""
+    choice = to_plain(spec)
+    if choice is None or choice in SPLITS:
+        split = choice or "val"
+        shards = to_plain(data.get(split))
+        if shards is None:
+            raise UserError(f"data.eval={split}: the run has no data.{split} (it was trained without one); pass "
+                            "data.eval=SHARDS.")
+        return {"split": split, "shards": shards}
+    split = next((name for name in SPLITS if _same_shards(choice, to_plain(data.get(name)))), None)
+    return {"split": split, "shards": choice}
+
+
+def _same_shards(a, b) -> bool:
+    """Two shard specs that are equal, or paths to the same place (`data/demo/test`, `/repo/data/demo/test/`)."""
+    paths = isinstance(a, str) and isinstance(b, str)
+    return a == b or (paths and Path(a).expanduser().resolve() == Path(b).expanduser().resolve())
+
+
 def evaluate_into(run_dir: str | Path, model: FusionModel, data, spec=None, batch_size: int | None = None,
                   max_new_tokens: int = 16) -> dict:
-    """Evaluate on `spec` (default `data.val`) with the run's preprocessing; write `RunDir.eval` (and the per-sample
-    `RunDir.predictions`), print a table."""
+    """Evaluate on `spec` (default `data.val`; `val` / `test`: the run's split) with the run's preprocessing; write
+    `RunDir.eval` (with what was evaluated under "data", see `eval_shards`) and the per-sample `RunDir.predictions`,
+    print a table."""
     run = RunDir(run_dir)
+    evaluated = eval_shards(data, spec)
     preprocess = run_preprocessor(model, data, skip_long=False)
     reading = replace(data_config(data), eval_batch_size=batch_size) if batch_size else data
-    loader = make_loader(reading, preprocess, train=False, spec=spec or None,
+    loader = make_loader(reading, preprocess, train=False, spec=evaluated["shards"],
                          split_by_rank=False)  # one process evaluates all of it, also inside a DDP run
-    result = evaluate(model, loader, max_new_tokens, predictions_path=run.predictions)
+    result = {**evaluate(model, loader, max_new_tokens, predictions_path=run.predictions), "data": evaluated}
     run.write_eval(result)
+    print(f"{evaluated['split'] or 'shards'}: {evaluated['shards']}")
     print_table(result)
     return result

@@ -61,9 +61,10 @@ def check_init_from(model: DictConfig) -> None:
 
 
 def check_backbone_dir(backbone: DictConfig) -> None:
-    """`backbone.path` is a directory, unless the project pretrains it there (`backbone.pretrain`)."""
+    """`backbone.path` is a checkpoint with a tokenizer (training reads text), unless the project pretrains it there
+    (`backbone.pretrain`)."""
     if not backbone.get("pretrain"):
-        check_checkpoint_dir(Path(str(backbone.path)).expanduser())
+        check_checkpoint_dir(Path(str(backbone.path)).expanduser(), text=True)
 
 
 def demo_dir() -> Path:
@@ -74,19 +75,25 @@ def demo_dir() -> Path:
 
 
 def check_demo_paths(data: DictConfig) -> None:
-    """With `data.prepare_demo` (the `data=demo` group) data.train and data.val must be DIR/train and DIR/val of one
-    directory DIR that the demo generator may write: the default one, one it made before (its manifest.json), or a
-    new or empty one (`experiment=smoke`: data/demo_smoke). The generator replaces what DIR holds, so shards of
-    your own belong to `data=shards`."""
-    train, val = to_plain(data.train), to_plain(data.val)
+    """With `data.prepare_demo` (the `data=demo` group) data.train, data.val and data.test (or null) must be
+    DIR/train, DIR/val and DIR/test of one directory DIR that the demo generator may write: the default one, one it
+    made before (its manifest.json), or a new or empty one (`experiment=smoke`: data/demo_smoke). The generator
+    replaces what DIR holds, so shards of your own belong to `data=shards`."""
+    train = to_plain(data.train)
     root = Path(train).expanduser().resolve().parent if isinstance(train, str) else None
     ours = root is not None and (root == demo_dir().resolve() or not root.exists()
                                  or (root.is_dir() and not any(root.iterdir())) or (root / "manifest.json").is_file())
-    for split, value in (("train", train), ("val", val)):
+    for split in ("train", "val", "test"):
+        value = to_plain(data.get(split))
+        if split == "test" and value is None:
+            continue
         if not (ours and isinstance(value, str) and Path(value).expanduser().resolve() == root / split):
-            raise UserError(f"data.{split}={value} is not the demo's data (data=demo generates DIR/train and DIR/val "
-                            f"in a new directory DIR, by default {demo_dir()}): pass data=shards data.train=SHARDS "
-                            "data.val=SHARDS for shards of your own.")
+            if split == "test":  # train and val passed: DIR is the demo's
+                raise UserError(f"data.test={value} is not the test split of the demo data in {root}: pass "
+                                f"data.test={root / 'test'} (or null).")
+            raise UserError(f"data.{split}={value} is not the demo's data (data=demo generates DIR/train, DIR/val and "
+                            f"DIR/test in a new directory DIR, by default {demo_dir()}): pass data=shards "
+                            "data.train=SHARDS data.val=SHARDS for shards of your own.")
 
 
 def check_data_paths(data: DictConfig) -> None:

@@ -1,7 +1,10 @@
-"""Tests of the demo-data generator: reproducibility, caching, sample contents, DTMF signal."""
+"""Tests of the demo-data generator: reproducibility, caching, the test split's own stream, sample contents, DTMF
+signal."""
 
+import hashlib
 import io
 import json
+import shutil
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -14,7 +17,7 @@ from PIL import Image
 
 from gemma_fusion.data import demo
 
-TINY = dict(train_per_task=5, val_per_task=3, seed=0, samples_per_shard=4)
+TINY = dict(train_per_task=5, val_per_task=3, test_per_task=3, seed=0, samples_per_shard=4)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -47,7 +50,8 @@ def test_bytes_identical_across_runs_and_worker_counts(tiny, tmp_path):
 def test_second_call_is_a_noop(tmp_path):
     out = demo.ensure_demo_data(tmp_path / "demo", **TINY, progress=False)
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    demo.main(["--out", str(out), "--train-per-task", "5", "--val-per-task", "3", "--samples-per-shard", "4"])
+    demo.main(["--out", str(out), "--train-per-task", "5", "--val-per-task", "3", "--test-per-task", "3",
+               "--samples-per-shard", "4"])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no temp directories left behind
 
@@ -79,9 +83,10 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
 
 def test_samples_decode_and_match_their_task(tiny):
     manifest = json.loads((tiny / "manifest.json").read_text())
-    for split, per_task in (("train", TINY["train_per_task"]), ("val", TINY["val_per_task"])):
+    for split in ("train", "val", "test"):
         samples = [s for shard in sorted((tiny / split).glob("*.tar")) for s in _samples(shard)]
-        order = demo.split_order(TINY["seed"], split, per_task)
+        seed = demo.TEST_SEED if split == "test" else TINY["seed"]
+        order = demo.split_order(seed, split, TINY[f"{split}_per_task"])
         assert [s["__key__"] for s in samples] == [f"{task}-{split}-{i:06d}" for _, task, i in order]
         counts = defaultdict(int)
         for sample in samples:
@@ -100,6 +105,61 @@ def test_samples_decode_and_match_their_task(tiny):
                 image = Image.open(io.BytesIO(sample["png"]))
                 assert image.format == "PNG" and image.mode == "RGB" and image.size == demo.IMAGE_SIZE
         assert counts == manifest["counts"][split]
+
+
+def _media_digests(split_dir: Path) -> list[str]:
+    """sha256 of every sample's image or audio bytes in a split (targets are short strings that may repeat; the
+    rendered, noisy media of two samples are identical only when drawn from the same random stream)."""
+    return [hashlib.sha256(data).hexdigest() for shard in sorted(split_dir.glob("*.tar")) for sample in _samples(shard)
+            for ext, data in sample.items() if ext not in ("__key__", "json")]
+
+
+def test_the_test_split_is_a_stream_of_its_own_recorded_in_the_manifest(tmp_path):
+    # test_seed equal to seed and as many samples as val: only the split's own stream keeps test apart
+    out = demo.ensure_demo_data(tmp_path / "demo", **TINY, test_seed=TINY["seed"], progress=False)
+    media = {split: _media_digests(out / split) for split in ("train", "val", "test")}
+    assert len(media["test"]) == len(set(media["test"])) == 3 * TINY["test_per_task"]
+    assert set(media["test"]).isdisjoint(media["train"] + media["val"])
+    shard_digests = {split: {hashlib.sha256(p.read_bytes()).digest() for p in (out / split).glob("*.tar")}
+                     for split in ("train", "val", "test")}
+    assert shard_digests["test"].isdisjoint(shard_digests["train"] | shard_digests["val"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["params"]["test_seed"] == TINY["seed"]
+    assert manifest["params"]["test_per_task"] == manifest["counts"]["test"] == {t: 3 for t in demo.TASKS}
+    assert [s["name"] for s in manifest["shards"]["test"]] == sorted(p.name for p in (out / "test").iterdir())
+
+
+def _identities(out: Path, split: str) -> dict[str, int]:
+    """Each shard's inode: a kept shard keeps it (renamed), a regenerated one is a new file."""
+    return {p.name: p.stat().st_ino for p in sorted((out / split).iterdir())}
+
+
+def test_the_test_split_keeps_its_own_seed(tiny, tmp_path):
+    out = demo.ensure_demo_data(tmp_path / "demo", **TINY, progress=False)
+    test_files = _identities(out, "test")
+    demo.ensure_demo_data(out, **{**TINY, "seed": 1}, progress=False)  # new train and val, the same test
+    assert _identities(out, "test") == test_files and _files(out / "test") == _files(tiny / "test")
+    assert _files(out / "train") != _files(tiny / "train") and _files(out / "val") != _files(tiny / "val")
+    kept = {split: _identities(out, split) for split in ("train", "val")}
+    demo.ensure_demo_data(out, **{**TINY, "seed": 1}, test_seed=2, progress=False)  # a new test split alone
+    assert {split: _identities(out, split) for split in ("train", "val")} == kept
+    assert _files(out / "test") != _files(tiny / "test")
+    assert json.loads((out / "manifest.json").read_text())["params"]["test_seed"] == 2
+
+
+def test_data_made_before_the_test_split_gets_one_and_keeps_train_and_val(tiny, tmp_path, capsys):
+    out = demo.ensure_demo_data(tmp_path / "demo", **TINY, progress=False)
+    shutil.rmtree(out / "test")  # what the generator wrote before it had a test split: no trace of one
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["params"]["test_per_task"], manifest["params"]["test_seed"]
+    del manifest["counts"]["test"], manifest["shards"]["test"]
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    kept = {split: _identities(out, split) for split in ("train", "val")}
+    demo.ensure_demo_data(out, **TINY)
+    assert f"demo data in {out}: generating test, keeping train and val" in capsys.readouterr().err
+    assert {split: _identities(out, split) for split in ("train", "val")} == kept
+    assert _files(out) == _files(tiny)  # as if made at once
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
 
 
 def test_shards_read_with_webdataset(tiny):

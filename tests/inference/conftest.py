@@ -75,4 +75,4 @@ def demo_dir(tmp_path_factory):
     from gemma_fusion.data.demo import ensure_demo_data
 
     return ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo", train_per_task=4, val_per_task=2,
-                            samples_per_shard=8, num_workers=1, progress=False)
+                            test_per_task=2, samples_per_shard=8, num_workers=1, progress=False)

@@ -70,8 +70,13 @@ def test_the_demo_group_accepts_directories_it_may_write(tiny_demo_dir, tmp_path
     check_demo_paths(_demo_data())  # configs/data/demo.yaml as it is (data/demo, generated on first use)
     assert Path(str(_demo_data().train)).parent == demo_dir()
     check_demo_paths(_demo_data("experiment=smoke"))  # data/demo_smoke: a directory of its own
-    check_demo_paths(_demo_data(f"data.train={tmp_path}/new/train", f"data.val={tmp_path}/new/val"))  # to be made
-    check_demo_paths(_demo_data(f"data.train={tiny_demo_dir}/train", f"data.val={tiny_demo_dir}/val"))  # made before
+    new = (f"data.train={tmp_path}/new/train", f"data.val={tmp_path}/new/val")
+    check_demo_paths(_demo_data(*new, f"data.test={tmp_path}/new/test"))  # to be made
+    check_demo_paths(_demo_data(*new, "data.test=null"))
+    with pytest.raises(UserError, match=r"^data\.test=.*/data/demo/test is not the test split of .*: pass data\.test="):
+        check_demo_paths(_demo_data(*new))  # the default data.test, another directory's
+    check_demo_paths(_demo_data(f"data.train={tiny_demo_dir}/train", f"data.val={tiny_demo_dir}/val",
+                                f"data.test={tiny_demo_dir}/test"))  # made before
     with pytest.raises(UserError, match=r"^data\.val=.* is not the demo's data .*: pass data=shards"):
         check_demo_paths(_demo_data(f"data.train={tiny_demo_dir}/train", f"data.val={tmp_path}/val"))
     (tmp_path / "mine" / "train").mkdir(parents=True)
