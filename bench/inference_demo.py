@@ -13,8 +13,11 @@ adapters on its int8 base) measures, one after another in this process:
 - decode: time to first token (prefill of one image prompt) and tokens/s over `--steps` cached decode steps,
   batch 1, median of 3 repeats, on this CPU with torch's default threads.
 
-Prints one JSON line per model and a final JSON line {"models": [...], "machine", "date"}; the student keeps
-`student_em / teacher_em` of the teacher's exact match (target >= 0.95).
+Prints one JSON line per model and a final JSON line {"models": [...], "distillation", "machine", "date"}: each model
+keeps `em_vs_teacher` of the teacher's exact match (target >= 0.95 for the student), `em_vs_teacher_ci` with its
+paired bootstrap 95 % interval over the samples (per-sample records in OUT/records/<model>/); with `--student`,
+"distillation" sets the student beside the plain int8 export (`distillation_effect`: student minus plain with its
+interval, and "distillation adds nothing measurable" where that interval includes zero).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -49,7 +53,7 @@ def decode_speed(model, batch: dict, steps: int, repeats: int = 3) -> tuple[floa
     return statistics.median(ttfts), statistics.median(rates)
 
 
-def measure(name: str, path: Path, steps: int) -> dict:
+def measure(name: str, path: Path, steps: int, records: Path) -> dict:
     from dataclasses import replace
 
     from gemma_fusion.core.schema import data_config
@@ -57,18 +61,19 @@ def measure(name: str, path: Path, steps: int) -> dict:
     from gemma_fusion.eval.evaluate import evaluate, prompt_only
     from gemma_fusion.models.quant import tensor_bytes
     from gemma_fusion.artifacts.load import load_for_inference
+    from gemma_fusion.artifacts.rundir import RunDir
 
     model, cfg = load_for_inference(path)
     data = cfg.data
     preprocess = run_preprocessor(model, data, skip_long=False)
     loader = make_loader(data, preprocess, train=False, split_by_rank=False)
-    result = evaluate(model, loader, max_new_tokens=16)
+    result = evaluate(model, loader, max_new_tokens=16, predictions_path=RunDir(records).predictions)
     one = replace(data_config(data), eval_batch_size=1)
     first = next(iter(make_loader(one, preprocess, train=False, split_by_rank=False)))  # one image prompt
     ttft, rate = decode_speed(model, prompt_only(first, model.tokens.pad), steps)
     em = {"overall": result["overall"]["exact_match"],
           **{m: v["exact_match"] for m, v in result.get("modalities", {}).items()}}
-    return {"model": name, "path": str(path), "exact_match": em, "n": result["overall"]["n"],
+    return {"model": name, "path": str(path), "records": str(records), "exact_match": em, "n": result["overall"]["n"],
             "weights_bytes": tensor_bytes(model), "backbone_bytes": tensor_bytes(model.backbone),
             "ttft_s": round(ttft, 4), "decode_tokens_per_s": round(rate, 1)}
 
@@ -81,6 +86,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed")
     args = parser.parse_args()
 
+    from gemma_fusion.eval.compare import distillation_effect, paired, read_records
     from gemma_fusion.export import export_run
 
     out = Path(args.out)
@@ -93,14 +99,23 @@ def main() -> None:
         models.append(("student int8 (distilled)", Path(args.student)))
     rows = []
     for name, path in models:
-        row = measure(name, path, args.steps)
+        records = out / "records" / re.sub(r"\W+", "_", name).strip("_")  # e.g. student_int8_distilled
+        records.mkdir(parents=True, exist_ok=True)
+        row = measure(name, path, args.steps, records)
         rows.append(row)
         print(json.dumps(row), flush=True)
     teacher = rows[0]["exact_match"]["overall"]
+    by_model = {row["model"]: read_records(Path(row["records"])) for row in rows}
     for row in rows:
         row["em_vs_teacher"] = round(row["exact_match"]["overall"] / teacher, 4) if teacher else None
-    print(json.dumps({"models": rows, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                      "machine": platform.processor() or platform.machine(),
+        row["em_vs_teacher_ci"] = paired(by_model[row["model"]], by_model["run float32"])["exact_match_ratio"]
+    distillation = None
+    if args.student:
+        distillation = distillation_effect(by_model["run float32"], by_model["export int8"],
+                                           by_model["student int8 (distilled)"])
+        print(distillation["verdict"], flush=True)
+    print(json.dumps({"models": rows, "distillation": distillation, "threads": torch.get_num_threads(),
+                      "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                       "date": datetime.date.today().isoformat()}))
 
 

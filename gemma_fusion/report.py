@@ -13,7 +13,8 @@ __all__ = ["ReportOptions", "main", "power_law_fit", "write_report"]
 
 @dataclass
 class ReportOptions:
-    """A sweep's report: SWEEP_DIR/report.md with one row per design, and its PNG plots."""
+    """A sweep's report: SWEEP_DIR/report.md and report.json (a row per design with intervals, the winner or "no
+    clear winner"), and its PNG plots."""
 
     sweep_dir: Path = option(help="a hydra.sweep.dir of `python train.py -m ...`", positional=True,
                              metavar="SWEEP_DIR")

@@ -4,19 +4,25 @@ Each run is evaluated with its own preprocessing on the same shards (`evaluate_i
 their per-sample records by sample key and reports, per run: what it costs (trainable parameters, soft
 tokens per image / audio second, forward FLOPs per sample, from `RUN/compute.json`) and held-out loss,
 exact match, CER and WER, overall and per modality; then, for every other run against the first, the
-difference in exact match and in per-sample loss with a paired bootstrap 95 % interval, so a user can
-tell a real difference from the noise of a few hundred samples.
+difference in exact match and in per-sample loss with a paired bootstrap 95 % interval, and its exact match
+as a fraction of the first run's, so a user can tell a real difference from the noise of a few hundred samples.
 
 Writes `A/eval_compare.json` = {"runs": [{"run", "label", "cost", "overall", "modalities"}, ...],
 "paired": [{"run", "against", "n", "exact_match_diff": [mean, lo, hi], "loss_diff": [mean, lo, hi],
+"exact_match_ratio": [ratio, lo, hi] (null when the first run's exact match is 0),
 "modalities": {"image": {"n", "exact_match_diff"}, ...}}]}.
+
+The one bootstrap of the package is here (`paired_bootstrap_runs`): the sweep report (eval/report.py) uses it
+for differences between designs over evaluation samples and seeds, `distillation_effect` for what a distilled
+student gains over the plain quantised export.
 """
 from __future__ import annotations
 
 import json
-import random
-import statistics
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from gemma_fusion.artifacts.rundir import RunDir
 from gemma_fusion.core.errors import UserError
@@ -55,11 +61,43 @@ def cost_of(run_dir: Path) -> dict:
             "backbone_flops_per_sample": flops["backbone"]}
 
 
+def percentile_interval(estimate: float, replicates) -> list[float]:
+    """[estimate, 2.5 %, 97.5 %]: the 95 % percentile interval of a statistic's bootstrap replicates."""
+    ordered, k = np.sort(np.asarray(replicates, dtype=float)), len(replicates)
+    return [float(estimate), float(ordered[int(0.025 * k)]), float(ordered[int(0.975 * k) - 1])]
+
+
+def paired_bootstrap_runs(runs, base, statistic: Callable = np.subtract, seed: int = 0,
+                          samples: int = BOOTSTRAP_SAMPLES) -> list[float]:
+    """[estimate, 2.5 %, 97.5 %] of statistic(mean of `runs`, mean of `base`) over the same evaluated samples.
+
+    runs: (seeds, n) per-sample values of one design, a row per training run; base: (seeds', n), the same n
+    samples in the same column order. Each resample draws each side's rows with replacement (its own seeds:
+    training luck) and then n columns with replacement, the same columns for both sides (the pairing:
+    evaluation luck). statistic: np.subtract (a difference) or np.divide (a fraction of the base).
+    """
+    a, b = np.atleast_2d(np.asarray(runs, dtype=float)), np.atleast_2d(np.asarray(base, dtype=float))
+    if a.shape[1] != b.shape[1] or a.shape[1] == 0:
+        raise ValueError(f"paired bootstrap: {a.shape[1]} and {b.shape[1]} samples; pair the same, non-empty set.")
+    rng, n, replicates = np.random.default_rng(seed), a.shape[1], []
+    for start in range(0, samples, 250):  # 250 resamples at a time: memory (seeds x 250 x n) stays small
+        count = min(250, samples - start)
+        columns = rng.integers(0, n, (count, n))
+        means = []
+        for side in (a, b):
+            per_seed = side[:, columns].mean(-1)  # seeds, count: each run's mean over the resampled samples
+            rows = rng.integers(0, len(side), (count, len(side)))
+            means.append(np.take_along_axis(per_seed.T, rows, 1).mean(1))  # count: over the resampled runs
+        with np.errstate(divide="ignore", invalid="ignore"):
+            replicates.append(statistic(*means))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        estimate = statistic(a.mean(), b.mean())
+    return percentile_interval(estimate, np.concatenate(replicates))
+
+
 def paired_bootstrap(diffs: list[float], seed: int = 0, samples: int = BOOTSTRAP_SAMPLES) -> list[float]:
     """[mean, 2.5 %, 97.5 %] of the mean of per-sample differences, resampling samples with replacement."""
-    rng, n = random.Random(seed), len(diffs)
-    means = sorted(statistics.fmean(rng.choices(diffs, k=n)) for _ in range(samples))
-    return [statistics.fmean(diffs), means[int(0.025 * samples)], means[int(0.975 * samples) - 1]]
+    return paired_bootstrap_runs([diffs], [[0.0] * len(diffs)], seed=seed, samples=samples)
 
 
 def paired(records: dict[str, dict], base: dict[str, dict]) -> dict:
@@ -75,8 +113,39 @@ def paired(records: dict[str, dict], base: dict[str, dict]) -> dict:
         mine = [k for k in keys if records[k].get("modality") == modality]
         modalities[modality] = {"n": len(mine), "exact_match_diff": paired_bootstrap(
             [records[k]["exact_match"] - base[k]["exact_match"] for k in mine])}
+    ours, theirs = [records[k]["exact_match"] for k in keys], [base[k]["exact_match"] for k in keys]
+    ratio = paired_bootstrap_runs([ours], [theirs], np.divide) if any(theirs) else None
     return {"n": len(keys), "exact_match_diff": paired_bootstrap(em), "loss_diff": paired_bootstrap(loss),
-            "modalities": modalities}
+            "exact_match_ratio": ratio, "modalities": modalities}
+
+
+def distillation_effect(teacher: dict[str, dict], plain: dict[str, dict], student: dict[str, dict]) -> dict:
+    """What distillation bought, from per-sample records (`read_records`) on the same samples: the student's and
+    the plain quantised export's exact match as fractions of the teacher's (None where the teacher's is 0), and
+    student minus plain, each with a paired bootstrap 95 % interval over the samples all three evaluated; `verdict`
+    says it in one sentence."""
+    keys = sorted(teacher.keys() & plain.keys() & student.keys())
+    if not keys:
+        raise UserError("distillation: the teacher, the plain export and the student share no evaluated samples; "
+                        "evaluate them on the same shards (data.eval=SHARDS).")
+    em = {name: [records[k]["exact_match"] for k in keys]
+          for name, records in (("teacher", teacher), ("plain", plain), ("student", student))}
+    keeps = {name: paired_bootstrap_runs([em[name]], [em["teacher"]], np.divide) if any(em["teacher"]) else None
+             for name in ("student", "plain")}
+    gain = paired_bootstrap_runs([em["student"]], [em["plain"]])
+    effect = ("distillation adds nothing measurable" if gain[1] <= 0 <= gain[2]
+              else "distillation adds a measurable gain" if gain[1] > 0 else "distillation costs exact match")
+    kept = (f"The distilled student keeps {_share(keeps['student'])} of the teacher's exact match, the plain "
+            f"quantised export {_share(keeps['plain'])}" if any(em["teacher"])
+            else "The teacher has no exact match on these samples (no fraction of it to keep)")
+    verdict = (f"{kept}; student minus plain {gain[0]:+.3f} [{gain[1]:+.3f}, {gain[2]:+.3f}] exact match on "
+               f"{len(keys)} paired samples (95 % paired bootstrap): {effect}.")
+    return {"n": len(keys), "student_keeps": keeps["student"], "plain_keeps": keeps["plain"],
+            "student_minus_plain": gain, "verdict": verdict}
+
+
+def _share(interval: list[float]) -> str:
+    return f"{interval[0]:.1%} [{interval[1]:.1%}, {interval[2]:.1%}]"
 
 
 def compare_runs(run_dirs: list[Path], results: list[dict]) -> dict:
@@ -110,7 +179,8 @@ def print_comparison(comparison: dict) -> None:
         em, loss = p["exact_match_diff"], p["loss_diff"]
         print(f"{r['label']} minus {base} on {p['n']} paired samples (95 % paired bootstrap): exact match "
               f"{em[0]:+.3f} [{em[1]:+.3f}, {em[2]:+.3f}] ({_direction(em)}), loss {loss[0]:+.4f} "
-              f"[{loss[1]:+.4f}, {loss[2]:+.4f}] ({_direction(loss)})")
+              f"[{loss[1]:+.4f}, {loss[2]:+.4f}] ({_direction(loss)})"
+              + (f"; keeps {_share(p['exact_match_ratio'])} of its exact match" if p.get("exact_match_ratio") else ""))
         if len(p["modalities"]) > 1:  # a difference in one modality can hide in the overall figure
             for modality, m in p["modalities"].items():
                 d = m["exact_match_diff"]

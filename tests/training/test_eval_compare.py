@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -74,9 +75,15 @@ def test_raw_frames_and_mel_encoder_switch_by_one_override_and_eval_compares_the
     paired = comparison["paired"][0]
     assert paired["n"] == 8 and paired["against"] == str(runs["audio_frames"])
     assert paired["modalities"]["audio"]["n"] == 8  # speech only: the one modality is the whole set
-    mean, lo, hi = paired["loss_diff"]
-    assert lo <= mean <= hi
-    assert mean == pytest.approx(second["overall"]["loss"] - first["overall"]["loss"], abs=0.5)  # per-sample vs per-token mean
+    # the per-sample differences, paired by key from each run's own predictions file, and their exact bootstrap
+    records = [{r["key"]: r for r in map(json.loads, (runs[d] / "eval_predictions.jsonl").read_text().splitlines())}
+               for d in ("audio_frames", "mel_conformer")]
+    assert records[0].keys() == records[1].keys() and len(records[0]) == 8
+    for field, name in (("loss", "loss_diff"), ("exact_match", "exact_match_diff")):
+        diffs = [records[1][k][field] - records[0][k][field] for k in sorted(records[0])]
+        mean, lo, hi = paired[name]
+        assert mean == pytest.approx(float(np.mean(diffs)), abs=1e-9)
+        assert_interval_is_the_bootstrap_percentile_interval(diffs, lo, hi, samples=2000)
     for run_dir in runs.values():  # each run's own evaluation on the same samples, as eval.py writes it alone
         assert json.loads((run_dir / "eval.json").read_text())["overall"]["n"] == 8
     assert "paired samples" in out.stdout and "mel_conformer" in out.stdout
@@ -98,10 +105,69 @@ def test_compare_without_common_data_is_one_sentence(tiny_gemma4_dir, tiny_demo_
         eval_recipe.run(cfg)
 
 
-def test_paired_bootstrap_interval_covers_a_known_difference_and_excludes_zero():
-    rng = np.random.default_rng(0)
-    diffs = list(0.3 + rng.standard_normal(400) * 0.5)
+def exact_bootstrap_quantiles(diffs: list[float], levels: tuple[float, ...]) -> list[float]:
+    """Quantiles of the exact bootstrap distribution of the mean of `diffs` (small n): every way to draw n of the n
+    values with replacement, as counts c (summing to n) with multinomial probability n! / prod(c_i!) / n^n."""
+    n, outcomes = len(diffs), []
+
+    def counts(left: int, slots: int):
+        if slots == 1:
+            yield (left,)
+            return
+        for first in range(left + 1):
+            for rest in counts(left - first, slots - 1):
+                yield (first, *rest)
+
+    for c in counts(n, n):
+        weight = math.factorial(n) / math.prod(math.factorial(k) for k in c) / n**n
+        outcomes.append((sum(k * d for k, d in zip(c, diffs)) / n, weight))
+    outcomes.sort()
+    values, cumulative = [v for v, _ in outcomes], np.cumsum([w for _, w in outcomes])
+    assert cumulative[-1] == pytest.approx(1.0)
+    return [values[int(np.searchsorted(cumulative, level))] for level in levels]
+
+
+def assert_interval_is_the_bootstrap_percentile_interval(diffs: list[float], lo: float, hi: float, samples: int):
+    """The 2.5 % / 97.5 % percentiles of `samples` bootstrap means fall where the exact distribution puts them:
+    the k-th smallest of B draws sits at level k / (B + 1) give or take sqrt(p (1 - p) / B); 5 of those either way."""
+    slack = 5 * math.sqrt(0.025 * 0.975 / samples)
+    lo_band = exact_bootstrap_quantiles(diffs, (0.025 - slack, 0.025 + slack))
+    hi_band = exact_bootstrap_quantiles(diffs, (0.975 - slack, 0.975 + slack))
+    assert lo_band[0] - 1e-9 <= lo <= lo_band[1] + 1e-9, (lo, lo_band)
+    assert hi_band[0] - 1e-9 <= hi <= hi_band[1] + 1e-9, (hi, hi_band)
+
+
+def test_paired_bootstrap_is_the_percentile_interval_of_the_exact_bootstrap_distribution():
+    diffs = [-1.3, -0.4, 0.1, 0.2, 0.5, 0.9, 1.7, 2.6]  # 8 values: 6,435 distinct resamples, enumerated
     mean, lo, hi = paired_bootstrap(diffs)
-    assert lo < 0.3 < hi and lo > 0 and hi - lo < 0.2
+    assert mean == pytest.approx(sum(diffs) / 8)
+    assert_interval_is_the_bootstrap_percentile_interval(diffs, lo, hi, samples=2000)
+    assert paired_bootstrap([0.25] * 5) == [0.25, 0.25, 0.25]  # no spread, no interval
+
+
+def test_paired_bootstrap_of_a_proportion_matches_the_binomial_quantiles():
+    """30 ones and 70 zeros: each resampled mean is Binomial(100, 0.3) / 100, whose quantiles are known exactly.
+    With 20,000 resamples the 2.5 % point is pinned to levels 0.0195-0.0305, i.e. to 0.21-0.22 (97.5 %: 0.39-0.40);
+    a 90 % interval (0.23, 0.38) or drawing without replacement (zero width) cannot pass."""
+    samples = 20000
+    mean, lo, hi = paired_bootstrap([1.0] * 30 + [0.0] * 70, samples=samples)
+    cdf = np.cumsum([math.comb(100, k) * 0.3**k * 0.7 ** (100 - k) for k in range(101)])
+    slack = 5 * math.sqrt(0.025 * 0.975 / samples)
+    quantile = lambda level: int(np.searchsorted(cdf, level)) / 100  # noqa: E731
+    assert mean == pytest.approx(0.3)
+    assert quantile(0.025 - slack) <= lo <= quantile(0.025 + slack)
+    assert quantile(0.975 - slack) <= hi <= quantile(0.975 + slack)
+
+
+def test_paired_bootstrap_interval_has_the_normal_width_and_excludes_zero_only_for_a_real_difference():
+    """400 normal differences (sd 0.5): the interval is mean +- 1.96 sd / sqrt(n) within 10 %, as the normal
+    approximation of the mean says for n this large."""
+    rng = np.random.default_rng(0)
+    diffs = 0.3 + rng.standard_normal(400) * 0.5
+    mean, lo, hi = paired_bootstrap(list(diffs))
+    half = 1.96 * diffs.std(ddof=1) / math.sqrt(400)
+    assert hi - lo == pytest.approx(2 * half, rel=0.1)
+    assert (lo + hi) / 2 == pytest.approx(diffs.mean(), abs=0.1 * half)
+    assert lo > 0
     mean, lo, hi = paired_bootstrap(list(rng.standard_normal(400) * 0.5))
     assert lo < 0 < hi
