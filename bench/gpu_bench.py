@@ -208,9 +208,11 @@ def measure_decode(config, sizes: Sizes, device: torch.device, quant: str, backe
 
 
 def machine(device: torch.device, sizes: Sizes, smoke: bool) -> dict:
+    from gemma_fusion.artifacts.rundir import environment
+
     info = {"measure": "machine", "device": str(device), "torch": torch.__version__,
             "python": platform.python_version(),
-            "slice": "tiny smoke" if smoke else "gemma4_12b", "sizes": asdict(sizes)}
+            "slice": "tiny smoke" if smoke else "gemma4_12b", "sizes": asdict(sizes), "environment": environment()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

@@ -201,6 +201,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps)))
         return
+    from gemma_fusion.artifacts.rundir import environment  # (not in the workers, whose memory is measured)
     from gemma_fusion.core.batch import SAMPLE_RATE
 
     start = time.perf_counter()
@@ -219,6 +220,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "torch_threads": __import__("torch").get_num_threads()},
         "wall_s": round(time.perf_counter() - start, 1),
+        "environment": environment(),
         "date": datetime.date.today().isoformat(),
     }))
 

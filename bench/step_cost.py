@@ -32,6 +32,8 @@ import time
 
 import torch
 
+from gemma_fusion.artifacts.rundir import environment
+
 HIDDEN, LAYERS, VOCAB, BATCH, IMAGE_TOKENS, TEXT_TOKENS, TARGETS = 512, 4, 4096, 4, 280, 64, 16
 
 
@@ -119,6 +121,7 @@ def main() -> None:
                    "text_tokens": TEXT_TOKENS, "targets": TARGETS, "dtype": "float32", "repeats": args.repeats},
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "torch_threads": torch.get_num_threads()},
+        "environment": environment(),
         "date": datetime.date.today().isoformat(),
     }))
 

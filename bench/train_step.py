@@ -4,8 +4,9 @@
 
 The configuration (the same in all three): a Gemma 4 unified model with the real 262,144-token vocabulary,
 hidden 256, 2 decoder layers (random weights, seeded: identical in every process), batch 4 of one 280-token
-image + 64 text tokens of which the last 16 are targets, float32 on CPU, the vision embedder and LoRA r16
-(alpha 32) on every linear layer of the decoder trainable, AdamW. Each runs in its own process
+image + 64 text tokens of which the last 16 are targets, float32 on CPU, the vision and audio embedders (what
+train.py trains; the audio one gets no gradient, the batch has no audio) and LoRA r16 (alpha 32) on every linear
+layer of the decoder trainable: the same parameters in all three (asserted), AdamW. Each runs in its own process
 (`--worker ours|theirs|limit`), one warm-up step then timed steps, and reports its median step time
 and its peak resident memory (`ru_maxrss`, the whole process):
 
@@ -79,8 +80,8 @@ def theirs(full, batch):
 
     target = r"model\.language_model\.layers\.\d+\..*\.(" + "|".join(LORA_TARGETS) + ")"
     model = get_peft_model(full, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=target))
-    for p in full.model.embed_vision.parameters():
-        p.requires_grad_(True)
+    for embedder in (full.model.embed_vision, full.model.embed_audio):  # what set_trainable trains in ours
+        embedder.requires_grad_(True)
     model.train()
     return model, lambda: model(**batch).loss
 
@@ -142,20 +143,27 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps)))
         return
+    from gemma_fusion.artifacts.rundir import environment  # (not in the workers, whose memory is measured)
+
     results = {kind: run_worker(kind, args.their_steps if kind == "theirs" else args.steps)
                for kind in ("ours", "theirs", "limit")}
     o, t, lim = results["ours"], results["theirs"], results["limit"]
+    trainable = {kind: r["trainable_params"] for kind, r in results.items()}
+    assert len(set(trainable.values())) == 1, f"the variants train different parameters: {trainable}"
     print(json.dumps({
         "time_ratio": round(o["median_step_s"] / t["median_step_s"], 4),
         "memory_ratio": round(o["peak_rss_bytes"] / t["peak_rss_bytes"], 4),
         "limit_ratio": round(o["median_step_s"] / lim["median_step_s"], 4),
         "targets": {"time_ratio": 0.15, "memory_ratio": 0.3, "limit_ratio": 1.05},
         "same_first_loss": max(abs(r["first_loss"] - o["first_loss"]) for r in results.values()) < 1e-3,
+        "trainable_params": trainable,
         "workers": results, "config": {"vocab": VOCAB, "hidden": HIDDEN, "layers": LAYERS, "batch": BATCH,
                                        "image_tokens": IMAGE_TOKENS, "text_tokens": TEXT_TOKENS, "targets": TARGETS,
-                                       "dtype": "float32", "lora": "r16 all decoder linear + vision embedder"},
+                                       "dtype": "float32",
+                                       "trainable": "LoRA r16 on all decoder linear layers + vision and audio embedders"},
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "torch_threads": __import__("torch").get_num_threads()},
+        "environment": environment(),
         "date": datetime.date.today().isoformat(),
     }))
 

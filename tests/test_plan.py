@@ -1,6 +1,8 @@
-"""The memory planner: exact weight and KV-cache bytes against real tensors, the 12B preset, the CLI contract."""
+"""The memory planner: exact weight and KV-cache bytes against real tensors, the activation estimate against a
+measured prefill, the 12B preset, the CLI contract."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -103,6 +105,28 @@ def test_kv_bytes_equal_the_real_cache_while_generating_past_the_window(request,
     assert planner.kv_cache_bytes(10_000) - planner.kv_cache_bytes(9_999) == \
         sum(c.bytes_per_position for c in planner.layers if c.kind == "global")  # past the window only globals grow
     assert sliding and all(c.nbytes(10_000) == WINDOW * c.bytes_per_position for c in sliding)
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("shape", ["tiny", "gemma4_12b_tenth", "wide_heads"])
+def test_activation_estimate_matches_a_measured_prefill(shape):
+    """The planner's activations against the allocator's peak during a real bf16 prefill (an image block and
+    text, 1024 tokens; the tiny preset peaks in attention, the 12B-proportioned shape in the MLP, wide_heads in
+    q_norm), less the exact KV cache and the CPU attention kernel's own scratch. Bytes are counted, not timed."""
+    bench = _bench("activation_memory")
+    config = bench.SHAPES[shape]()
+    point = bench.measure(bench.build(config), 1024)
+    planner = MemoryPlanner(config, "bf16")
+    measured = point["peak_bytes"] - planner.kv_cache_bytes(1024) - point["kernel_scratch_bytes"]
+    assert point["kernel_scratch_bytes"] < 0.25 * measured
+    low, high = bench.TARGET
+    assert low <= planner.activation_bytes(1024) / measured <= high, (planner.activation_bytes(1024), point)
 
 
 def test_12b_preset_matches_the_reference_architecture():

@@ -4,6 +4,7 @@ The layout is a contract users script against (keep it); no other module spells 
 
     RUN/                                a train.py run (`hydra.run.dir`)
     ├── config.yaml                     the resolved config as plain YAML: what the run's model is rebuilt from
+    ├── environment.json                python, torch, transformers, peft, lightning, torchaudio versions; CPU, GPU
     ├── .hydra/overrides.yaml           the command-line overrides (written by Hydra)
     ├── compute.json                    parameters, soft tokens, forward FLOPs (training/compute.py)
     ├── metrics.csv                     one row per logged step (Lightning's CSV logger)
@@ -14,7 +15,8 @@ The layout is a contract users script against (keep it); no other module spells 
     ├── final/
     │   ├── trainable.safetensors       projectors + adapters, nothing of the frozen backbone
     │   └── adapter/                    (lora.r > 0) the adapters in peft's format
-    ├── eval.json                       eval.py / eval_after_train: loss, EM, CER, WER per task and modality
+    ├── eval.json                       eval.py / eval_after_train: loss, EM, CER, WER per task and modality,
+    │                                   the split and shards evaluated
     ├── eval_predictions.jsonl          one record per evaluated sample
     └── eval_compare.json               eval.py run=RUN compare=[...]: the comparison, in the first run
 
@@ -26,13 +28,16 @@ The layout is a contract users script against (keep it); no other module spells 
 
     SWEEP/                              `python train.py -m ... hydra.sweep.dir=SWEEP`
     ├── 0/, 1/, ...                     one RUN per job
-    ├── report.md                       `python -m gemma_fusion.report SWEEP`
-    └── loss_curves.png, metric_vs_compute.png, scaling.png
+    ├── report.md, report.json          `python -m gemma_fusion.report SWEEP`
+    └── loss_curves.png, metric_vs_compute.png, scaling.png, scaling_residuals.png
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
+import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +47,37 @@ from omegaconf import DictConfig, OmegaConf
 from gemma_fusion.core.config import save_yaml
 
 log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "transformers", "peft", "lightning", "torchaudio")  # what a run's figures depend on
+
+
+def environment() -> dict:
+    """What a figure depends on besides its config: python and package versions, the CPU and GPU model
+    (RUN/environment.json; the benchmarks print the same block)."""
+    import torch  # (only here: the paths of a run need no torch)
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"python": platform.python_version(), **versions, "cuda": torch.version.cuda, "cpu": _cpu_model(),
+            "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if gpus else None, "gpu_count": gpus,
+            "platform": platform.platform()}
+
+
+def _cpu_model() -> str:
+    """The model name from /proc/cpuinfo (Linux), else what `platform` knows (often empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as lines:
+            for line in lines:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _write_json(path: Path, data: dict) -> Path:
@@ -84,6 +120,10 @@ class RunDir(_Directory):
     @property
     def overrides(self) -> Path:
         return self.hydra / "overrides.yaml"
+
+    @property
+    def environment(self) -> Path:
+        return self.root / "environment.json"
 
     @property
     def compute(self) -> Path:
@@ -176,6 +216,18 @@ class RunDir(_Directory):
         """The command-line overrides Hydra recorded, or None when the run has none recorded."""
         return yaml.safe_load(self.overrides.read_text()) if self.overrides.is_file() else None
 
+    def write_environment(self, record: dict) -> Path:
+        """RUN/environment.json, written when a run starts; a run resumed in another environment keeps the earlier
+        ones under `earlier`."""
+        old = _read_json(self.environment)
+        earlier = [] if old is None else old.pop("earlier", [])
+        if old is not None and old != record:
+            earlier.append(old)
+        return _write_json(self.environment, {**record, "earlier": earlier} if earlier else record)
+
+    def read_environment(self) -> dict | None:
+        return _read_json(self.environment)
+
     def write_compute(self, report: dict) -> Path:
         return _write_json(self.compute, report)
 
@@ -228,6 +280,10 @@ class SweepDir(_Directory):
         return self.root / "report.md"
 
     @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
     def loss_curves(self) -> Path:
         return self.root / "loss_curves.png"
 
@@ -238,3 +294,7 @@ class SweepDir(_Directory):
     @property
     def scaling(self) -> Path:
         return self.root / "scaling.png"
+
+    @property
+    def scaling_residuals(self) -> Path:
+        return self.root / "scaling_residuals.png"

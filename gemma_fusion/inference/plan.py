@@ -20,15 +20,21 @@ Exact (checked byte for byte against a loaded model in tests/test_plan.py):
   Layers that reuse another layer's cache (`num_kv_shared_layers`) store nothing. A K = V global layer
   (`attention_k_eq_v`) has no v_proj but caches K and V separately (V is K after its own norm, no RoPE).
 
-Estimates (stated assumptions, not measured here):
-- activations = one decoder layer's prefill at a chunk of C = min(S, prefill_chunk) tokens (default 0 = the
-  whole prompt in one pass, as gemma_fusion.inference.generate runs it; a chunked prefill, e.g. 2048, is what
-  a server such as vLLM does and lets far longer contexts fit)
-  (3 x C x hidden for the residual stream, q/k/v/attention output, 3 x C x ffn for the MLP, in bf16)
-  + boolean masks (C x S global, C x min(S, window - 1 + C) sliding) + the sliding layers' overhang after
-  a chunk (min(S, window - 1 + C) positions held instead of window) + one layer's KV copied by torch.cat
-  + logits of the last position (vocab x (2 + 4) bytes: bf16 then fp32 soft-cap).
-  Attention itself is assumed to run in a fused kernel (no C x S score matrix).
+Estimates:
+- activations (measured: bench/activation_memory.py; tests/test_plan.py holds it to a measured prefill) = the
+  peak of a prefill of C = min(S, prefill_chunk) tokens (default 0 = the whole prompt in one pass, as
+  gemma_fusion.inference.generate runs it; a server such as vLLM prefills in chunks, e.g. 2048), or of a decode
+  step if larger (one layer's KV copied by torch.cat + the last position's logits, vocab x (2 + 4) bytes).
+  The prefill's peak, tensor by tensor as transformers' Gemma 4 code holds them:
+  held throughout: a boolean mask per attention kind (C x S global, C x min(S, window - 1 + C) sliding),
+  RoPE cos and sin per kind (2 x C x head_dim), and the sliding layers' overhang (after its update a sliding
+  layer holds all min(S, window - 1 + C) positions it concatenated until the next step trims them to window);
+  plus the largest phase of one layer: the MLP (3 x C x hidden: layer input, residual, normed input; 3 x C x
+  ffn: act(gate), up, their product); an RMSNorm of the residual stream in fp32; q_norm (q in bf16, its fp32
+  copy and result); attention (q, its output, K and V repeated to every head when 1 < kv_heads < heads, as
+  SDPA is given a mask, and that boolean mask made additive in bf16: C x keys x 2 bytes).
+  Attention runs in a fused kernel (no score matrix); the kernel's own scratch (CPU flash attention: 0.4 to
+  2.2 MB in the bench) and the embedders' run before the prefill are left to the workspace.
 - workspace = 1 GiB for the CUDA context, cuBLAS workspace and allocator slack
   + (int8 / int4) the largest quantised Linear dequantised for its matmul (int8: 2 x n x 2 bytes;
   int4: n x (1 + 2 x 2) bytes for n weights).
@@ -53,6 +59,7 @@ from gemma_fusion.models.quant import QuantizedLinear, quantize_frozen, tensor_b
 
 QUANTS = ("bf16", "int8", "int4")
 DTYPE_BYTES = 2  # bf16 weights, activations and KV cache
+FP32_BYTES = 4  # what RMSNorm upcasts to
 FIXED_WORKSPACE = 2**30  # CUDA context + cuBLAS workspace + allocator slack (assumption)
 PREFILL_CHUNK = 0  # tokens per prefill step; 0 = the whole prompt in one pass, as gemma_fusion.inference.generate does
 SAMPLE_RATE = 16_000
@@ -141,7 +148,8 @@ class MemoryPlanner:
         self.weights_bytes = tensor_bytes(model)
         quantised = [m for m in decoder.modules() if isinstance(m, QuantizedLinear)]
         self.dequant_bytes = max((m.out_features * m.qweight.shape[1] * (8 // m.bits) for m in quantised), default=0)
-        self.layers = cache_layers(self.text)
+        self.layers = cache_layers(self.text)  # (an attention it cannot model stops here, in one sentence)
+        self.shapes = decoder_layers(self.text)  # per layer: heads, head_dim, kv_heads, ffn width, window
         self.max_positions = getattr(self.text, "max_position_embeddings", None) or 2**20
         self.audio_config = getattr(config, "audio_config", None)
 
@@ -149,20 +157,34 @@ class MemoryPlanner:
         return sum(layer.nbytes(tokens) for layer in self.layers)
 
     def activation_bytes(self, tokens: int) -> int:
-        t = self.text
+        """Peak bytes beyond the weights and the KV cache after `tokens` tokens (see the module docstring)."""
         chunk = min(tokens, self.prefill_chunk or tokens)
-        ffn = t.intermediate_size * (2 if getattr(t, "use_double_wide_mlp", False) else 1)
-        attn = max(2 * t.num_attention_heads * c.head_dim + 2 * c.kv_heads * c.head_dim for c in self.layers)
-        layer = chunk * DTYPE_BYTES * (3 * t.hidden_size + attn + 3 * ffn)  # one layer's working tensors
-        kinds = {c.kind: c for c in self.layers if c.kind != "shared"}  # one boolean mask per attention kind
-        masks = sum(chunk * (tokens if c.kind == "global" else min(tokens, c.window - 1 + chunk))
-                    for c in kinds.values())
-        # after a prefill chunk a sliding layer holds window - 1 + chunk positions until the next step trims them
+        decode = max(c.nbytes(tokens) for c in self.layers) + self.text.vocab_size * (DTYPE_BYTES + FP32_BYTES)
+        return max(self._prefill_bytes(tokens, chunk), decode)
+
+    def _prefill_bytes(self, tokens: int, chunk: int) -> int:
+        """The prefill of the last chunk: what it holds throughout + the largest phase of one layer."""
+        def keys(shape) -> int:  # key positions the chunk's queries attend over
+            return tokens if shape.window is None else min(tokens, shape.window - 1 + chunk)
+
+        kinds = {s.window: s for s in self.shapes}  # one mask and one RoPE table per attention kind
+        masks = sum(chunk * keys(s) for s in kinds.values())  # boolean
+        rope = sum(2 * chunk * s.head_dim * DTYPE_BYTES for s in kinds.values())  # cos and sin
+        # after its update a sliding layer keeps window - 1 + chunk positions until the next step trims them
         overhang = sum((min(tokens, c.window - 1 + chunk) - c.positions(tokens)) * c.bytes_per_position
                        for c in self.layers if c.kind == "sliding")
-        cache_copy = max(c.nbytes(tokens) for c in self.layers)  # torch.cat builds the grown cache, then frees the old
-        logits = t.vocab_size * (DTYPE_BYTES + 4)
-        return layer + masks + overhang + cache_copy + logits
+        return masks + rope + overhang + max(self._layer_bytes(s, chunk, keys(s)) for s in self.shapes)
+
+    def _layer_bytes(self, shape, chunk: int, keys: int) -> int:
+        """The largest phase of one decoder layer on `chunk` tokens whose queries attend over `keys` positions."""
+        b, f, h, q = DTYPE_BYTES, FP32_BYTES, self.text.hidden_size, shape.heads * shape.head_dim
+        repeated = 2 * keys * q * b if 1 < shape.kv_heads < shape.heads else 0  # repeat_kv's copies of K and V
+        return max(
+            chunk * b * (3 * h + 3 * shape.intermediate),  # MLP: input, residual, normed; act(gate), up, product
+            chunk * (2 * b * h + 2 * f * h),  # an RMSNorm of the residual stream in fp32: copy and result
+            chunk * (2 * b * h + b * q + 2 * f * q),  # q_norm: q, its fp32 copy and the fp32 result
+            chunk * (2 * b * h + 2 * b * q + b * keys) + repeated,  # attention: q, output, the bf16 mask; K/V copies
+        )
 
     def workspace_bytes(self) -> int:
         per_weight = {"bf16": 0, "int8": 2 * DTYPE_BYTES, "int4": 1 + 2 * DTYPE_BYTES}[self.quant]
@@ -240,8 +262,8 @@ def format_plan(p: dict) -> str:
         lines.append(f"note: {p['sequence_tokens']} tokens exceed the model's max_position_embeddings "
                      f"({p['max_position_embeddings']})")
     chunk = f"min(S, {p['prefill_chunk']})" if p["prefill_chunk"] else "all S"
-    lines.append(f"estimates: activations = one layer's prefill at {chunk} tokens + masks + sliding-window overhang "
-                 "+ one layer's KV copy + last-position logits; workspace = 1 GiB CUDA context/allocator + the "
-                 "largest dequantised Linear (int8/int4); GB read as GiB")
+    lines.append(f"estimates: activations = the prefill's peak at {chunk} tokens (masks, RoPE tables, sliding-window "
+                 "overhang + one layer's largest phase; measured in bench/activation_memory.py); workspace = 1 GiB "
+                 "CUDA context/allocator + the largest dequantised Linear (int8/int4); GB read as GiB")
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from gemma_fusion.artifacts.load import init_from_run, load_run
-from gemma_fusion.artifacts.rundir import RunDir
+from gemma_fusion.artifacts.rundir import RunDir, environment
 from gemma_fusion.core.config import to_plain
 from gemma_fusion.data.demo import ensure_demo_data
 from gemma_fusion.data.pipeline import make_loader, run_preprocessor
@@ -55,7 +55,8 @@ def prepare(cfg: DictConfig) -> None:
     """First-run preparation: the demo data and the project's tiny backbone, each made once and cached."""
     if cfg.data.get("prepare_demo"):
         data = to_plain(cfg.data)
-        ensure_demo_data(Path(data["train"]).parent, data["demo_train_per_task"], data["demo_val_per_task"])
+        ensure_demo_data(Path(data["train"]).parent, data["demo_train_per_task"], data["demo_val_per_task"],
+                         test_per_task=data["demo_test_per_task"])
     if cfg.backbone.get("pretrain"):
         ensure_pretrained(cfg.backbone.path, PretrainConfig(**to_plain(cfg.backbone.pretrain)))
 
@@ -88,6 +89,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Job:
     run.root.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # (read from RANK / LOCAL_RANK / SLURM_PROCID): one process writes RUN's files
         run.save_config(cfg)
+        run.write_environment(environment())
     L.seed_everything(cfg.seed, workers=True)
     prepare(cfg)
     if cfg.data.get("prepare_demo"):

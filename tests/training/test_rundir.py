@@ -3,7 +3,9 @@ it promises, resume=auto never picks a partial save, and no other module of the 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import json
+import platform
 import re
 import subprocess
 import sys
@@ -18,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # The layout users script against (README / docs), written out by hand: RunDir must spell exactly this.
 RUN_LAYOUT = {
     "config": "config.yaml",
+    "environment": "environment.json",
     "overrides": ".hydra/overrides.yaml",
     "compute": "compute.json",
     "metrics": "metrics.csv",
@@ -34,7 +37,7 @@ SWEEP_LAYOUT = {"report": "report.md", "loss_curves": "loss_curves.png", "metric
                 "scaling": "scaling.png"}
 # what a finished run holds after `python train.py checkpoint.every_n_steps=1 trainer.max_steps=2` (LoRA on) and
 # `python eval.py run=RUN compare=[RUN]`
-FINISHED_RUN = ["config.yaml", ".hydra/overrides.yaml", "compute.json", "metrics.csv", "checkpoints/step-0000001.ckpt",
+FINISHED_RUN = ["config.yaml", "environment.json", ".hydra/overrides.yaml", "compute.json", "metrics.csv", "checkpoints/step-0000001.ckpt",
                 "checkpoints/step-0000002.ckpt", "final/trainable.safetensors", "final/adapter/adapter_config.json",
                 "final/adapter/adapter_model.safetensors", "eval.json", "eval_predictions.jsonl", "eval_compare.json"]
 
@@ -122,3 +125,27 @@ def test_a_real_run_holds_every_file_the_layout_promises(finished_run):
     assert "lora=qv_r8" in run.read_overrides()
     assert run.read_compute()["designs"]["lora"] == "qv_r8"
     assert run.read_eval() == json.loads(run.eval.read_text()) and run.read_eval()["overall"]["n"] > 0
+
+
+def test_a_run_records_the_environment_its_figures_come_from(finished_run):
+    env = RunDir(finished_run).read_environment()
+    installed = {name: importlib.metadata.version(name)
+                 for name in ("torch", "transformers", "peft", "lightning", "torchaudio")}
+    assert {k: env[k] for k in installed} == installed
+    assert env["python"] == platform.python_version()
+    cpuinfo = Path("/proc/cpuinfo")
+    assert env["cpu"] and (not cpuinfo.is_file() or f": {env['cpu']}\n" in cpuinfo.read_text())
+    import torch
+
+    assert env["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+
+
+def test_a_run_resumed_elsewhere_keeps_the_earlier_environment(tmp_path):
+    run = RunDir(tmp_path)
+    first = {"python": "3.11.7", "torch": "2.11.0", "cpu": "AMD EPYC", "gpu": None}
+    run.write_environment(first)
+    run.write_environment(first)  # resumed on the same machine: nothing to keep
+    assert run.read_environment() == first
+    moved = {**first, "torch": "2.12.0", "gpu": "NVIDIA H100"}
+    run.write_environment(moved)
+    assert run.read_environment() == {**moved, "earlier": [first]}
