@@ -3,6 +3,7 @@ transformers' Gemma4UnifiedAudioFeatureExtractor (pad + reshape + float32, nothi
 
 import io
 import math
+import re
 
 import numpy as np
 import pytest
@@ -55,16 +56,25 @@ def test_integer_pcm_tuple():
     assert load_audio((pcm, 16000)).tolist() == pytest.approx([0.0, 0.5, -1.0, 32767 / 32768])
 
 
-@pytest.mark.parametrize(
-    "fmt,subtype", [("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("MP3", "MPEG_LAYER_III")]
-)
+LIBSNDFILE = tuple(int(part) for part in re.findall(r"\d+", sf.__libsndfile_version__)[:2])
+
+
+@pytest.mark.parametrize("fmt, subtype", [
+    ("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("OGG", "OPUS"),
+    # load_audio's docstring promises MP3 from libsndfile 1.1 on (soundfile >= 0.12 wheels bundle 1.2): older is a
+    # known, visible gap, and a strict xfail says so rather than a silent skip
+    pytest.param("MP3", "MPEG_LAYER_III", marks=pytest.mark.xfail(
+        LIBSNDFILE < (1, 1), strict=True, reason=f"libsndfile {sf.__libsndfile_version__} < 1.1 has no MP3")),
+])
 def test_formats_decode(fmt, subtype):
-    if fmt not in sf.available_formats():
-        pytest.skip(f"libsndfile {sf.__libsndfile_version__} has no {fmt}")
-    samples = _sine(1000.0, 0.5, 16000)
-    wave = load_audio(_encode(samples, 16000, fmt, subtype))
-    assert abs(wave.shape[0] - len(samples)) < 2000  # lossy codecs may add priming/padding
+    """Every format the pipeline takes (data/pipeline.py AUDIO_EXTS: wav, flac, ogg, mp3), written by libsndfile at
+    48 kHz and decoded to 16 kHz: the tone's frequency, its RMS (0.5 / sqrt 2) and the length survive."""
+    samples = _sine(1000.0, 0.5, 48000)
+    wave = load_audio(_encode(samples, 48000, fmt, subtype))
+    assert wave.dtype == torch.float32
+    assert abs(wave.shape[0] - len(samples) // 3) < 700  # lossy codecs may add priming/padding
     assert abs(_peak_hz(wave, 16000) - 1000.0) <= 2 * 16000 / wave.shape[0]
+    assert float(wave.square().mean().sqrt()) == pytest.approx(0.5 / math.sqrt(2), rel=0.05)
 
 
 def test_frame_shape_and_padding():

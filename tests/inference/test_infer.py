@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from PIL import Image
 
 from gemma_fusion.training import recipe
@@ -22,6 +23,7 @@ from gemma_fusion.infer import InferOptions
 from gemma_fusion.inference.serve import read_requests
 from gemma_fusion.inference.prompts import Request, TextStream, answer, build_batch, prompt_preprocessor
 from tests.training.conftest import compose_train
+from tests.training.test_export import plain_quantised_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -142,21 +144,24 @@ def test_unusable_inputs_are_user_errors(tmp_path):
 
 
 def test_an_int8_export_generates_what_the_merged_quantised_run_generates(run_dir, media, tmp_path):
-    """`infer run=OUT` on a real export: the same tokens as the run's model merged and quantised in process."""
+    """`infer run=OUT` on a real export: the same tokens as the run's model with every decoder weight set, in plain
+    nn.Linear layers, to the absmax int8 rounding of W + (B @ A) * alpha / r computed from the run's files."""
     from gemma_fusion.export import export_run
-    from gemma_fusion.models.quant import QuantizedLinear, quantize_frozen
-    from gemma_fusion.models.lora import merge_lora
-    from gemma_fusion.artifacts.load import load_run
+    from gemma_fusion.models.quant import QuantizedLinear
 
     out = export_run(run_dir, tmp_path / "int8", "int8")
     exported, cfg = load_for_inference(out)
     assert any(isinstance(m, QuantizedLinear) for m in exported.modules()) and cfg.backbone.path == str(out)
-    reference, _ = load_run(run_dir, for_export=True)
-    merge_lora(reference)
-    quantize_frozen(reference.backbone.decoder, "int8")
+    reference = plain_quantised_model(run_dir, bits=8)
+    assert not any(isinstance(m, QuantizedLinear) for m in reference.modules())
     request = Request(prompt="Read:", image=media / "noise.png", audio=media / "tone.wav")
+    batch = build_batch(exported, prompt_preprocessor(exported, cfg.data), [request], "cpu")
+    with torch.no_grad():  # the prompt's logits first: equal tokens alone would let a small weight error through
+        logits = [m(**{**batch, "labels": None}).logits for m in (exported, reference)]  # every position's
+    assert logits[0].shape[:2] == batch["input_ids"].shape
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
     texts = [answer(m, prompt_preprocessor(m, cfg.data), [request], "cpu", max_new_tokens=8)[0]["output"]
              for m in (exported, reference)]
-    assert texts[0] == texts[1]
+    assert texts[0] == texts[1] and texts[0]
     proc = _infer(f"run={out}", "prompt=Read:", f"image={media / 'noise.png'}", "max_new_tokens=4")
     assert proc.returncode == 0, proc.stderr

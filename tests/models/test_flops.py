@@ -138,6 +138,16 @@ def test_unknown_model_type_needs_decoder():
 
 
 def test_params_of_counts_tied_weights_once():
+    """Against counts made without `module.parameters()` (which already drops repeats): every parameter name
+    (the tied table under two names) minus one copy of the table; transformers' own count; a hand-built tie."""
     model = Gemma4UnifiedForConditionalGeneration(tiny_gemma4_config())
-    assert params_of(model) == sum(p.numel() for p in set(model.parameters()))
-    assert params_of(nn.Linear(3, 5)) == 20
+    text = model.config.text_config
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight  # the tie is really there
+    every_name = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+    assert params_of(model) == every_name - text.vocab_size * text.hidden_size  # the head's copy counted once
+    assert params_of(model) == model.num_parameters()  # transformers' own count
+
+    embed, head = nn.Embedding(11, 4), nn.Linear(4, 11, bias=True)
+    head.weight = embed.weight
+    assert params_of(nn.Sequential(embed, head)) == 11 * 4 + 11  # one table + the head's bias
+    assert params_of(nn.Linear(3, 5)) == 3 * 5 + 5

@@ -6,6 +6,7 @@ import importlib.util
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from safetensors import safe_open
 from torch import nn
 
 from gemma_fusion.core.config import CONFIG_DIR
@@ -62,7 +63,7 @@ def tiny_demo_dir(tmp_path_factory):
     from gemma_fusion.data.demo import ensure_demo_data
 
     return ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo", train_per_task=4, val_per_task=2,
-                            samples_per_shard=8, num_workers=1, progress=False)
+                            test_per_task=2, samples_per_shard=8, num_workers=1, progress=False)
 
 
 def _loss_and_grads(model, batch):
@@ -118,11 +119,37 @@ def test_lora_trains_on_a_quantized_backbone(tiny_gemma4_dir, tiny_demo_dir, qua
 
 
 def test_dora_reads_the_dequantized_weight(tiny_gemma4_dir, tiny_demo_dir):
+    """A DoRA layer on an int8 base against the DoRA formula written out on the int8 weight made by hand:
+    y = x (m / ||V||_row * V)^T with V = W_int8 + (alpha / r) B A and ||V|| treated as a constant (DoRA, sec. 4.3),
+    W_int8 = round(W / s) * s with s = max_row |W| / 127, W read from the checkpoint file."""
     cfg = _cfg(tiny_gemma4_dir, tiny_demo_dir, "backbone.quant=int8", "lora.use_dora=true")
     model = build_model(cfg)
-    ids = torch.randint(20, 200, (2, 10))
-    loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
-    loss.backward()
+    layer = model.backbone.decoder.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, QuantizedLinear)
+    with safe_open(str(tiny_gemma4_dir / "model.safetensors"), "pt") as f:
+        weight = f.get_tensor("model.language_model.layers.0.self_attn.q_proj.weight").float()
+    step = weight.abs().amax(dim=1, keepdim=True) / 127
+    int8_weight = torch.round(weight / step) * step
+    assert (int8_weight - weight).abs().max() > 1e-4  # the full-precision weight would give another answer
+
+    g = torch.Generator().manual_seed(0)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():  # B starts at zero; a trained B makes the direction differ from the base's
+        b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+    magnitude = layer.lora_magnitude_vector["default"].weight
+    x = torch.randn(3, 5, weight.shape[1], generator=g)
+    got = layer(x)
+    got.square().sum().backward()
+
+    m = magnitude.detach().clone().requires_grad_(True)
+    v = int8_weight + cfg.lora.alpha / cfg.lora.r * b.detach() @ a.detach()
+    expected = x @ (m[:, None] * v / v.norm(dim=1, keepdim=True)).T
+    expected.square().sum().backward()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(magnitude.grad, m.grad, atol=1e-4, rtol=1e-4)
+
+    ids = torch.randint(20, 200, (2, 10))  # and the whole model trains the magnitudes through it
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
     assert any("lora_magnitude_vector" in n and p.grad is not None for n, p in model.named_parameters())
 
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import pytest
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
 
 from gemma_fusion.core.config import CONFIG_DIR
+from gemma_fusion.training import callbacks
 
 
 @pytest.fixture(scope="session")
@@ -12,7 +14,7 @@ def tiny_demo_dir(tmp_path_factory):
     from gemma_fusion.data.demo import ensure_demo_data
 
     return ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo", train_per_task=6, val_per_task=2,
-                            samples_per_shard=8, num_workers=1, progress=False)
+                            test_per_task=2, samples_per_shard=8, num_workers=1, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +24,7 @@ def even_demo_dir(tmp_path_factory):
     from gemma_fusion.data.demo import ensure_demo_data
 
     return ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo", train_per_task=8, val_per_task=4,
-                            samples_per_shard=6, num_workers=1, progress=False)
+                            test_per_task=2, samples_per_shard=6, num_workers=1, progress=False)
 
 
 def compose_train(backbone, demo, *overrides: str):
@@ -41,3 +43,22 @@ def compose_train(backbone, demo, *overrides: str):
 def make_cfg(tiny_gemma4_dir, tiny_demo_dir):
     """Returns compose(overrides) -> DictConfig of train.yaml shrunk to seconds of CPU."""
     return lambda *overrides: compose_train(tiny_gemma4_dir, tiny_demo_dir, *overrides)
+
+
+class StartWeights(Callback):
+    """Every parameter of the run's FusionModel as fitting starts (seeded, built, `init_from` loaded): the run's
+    own before-state, to compare the trained weights with."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.weights = {n: p.detach().clone() for n, p in pl_module.net.named_parameters()}
+
+
+@pytest.fixture
+def start_weights(monkeypatch) -> StartWeights:
+    """Records the start weights of every `recipe.train` in the test (the last one's are kept)."""
+    recorder, build = StartWeights(), callbacks.build_callbacks
+    monkeypatch.setattr(callbacks, "build_callbacks", lambda cfg, run_dir: [*build(cfg, run_dir), recorder])
+    return recorder

@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gemma_fusion.training import recipe
+from gemma_fusion.core.batch import model_inputs
 from gemma_fusion.core.errors import UserError
-from gemma_fusion.training.distill import kd_loss
+from gemma_fusion.data.collate import collate
+from gemma_fusion.data.pipeline import run_preprocessor
+from gemma_fusion.training import recipe
+from gemma_fusion.training.distill import kd_loss, load_teacher, read_cache
 from tests.training.conftest import compose_train
 
 
@@ -37,6 +42,22 @@ def test_kd_loss_is_zero_for_the_teacher_itself_and_top_k_of_everything_is_the_f
     assert kd_loss(student, F.log_softmax(values, -1), 2.0, indices).item() == pytest.approx(full.item(), rel=1e-5)
     values, indices = teacher.topk(5, dim=-1)  # the teacher's head only: still >= 0, and 0 only for a perfect match
     assert kd_loss(student, F.log_softmax(values, -1), 2.0, indices).item() > 0
+
+
+def test_kd_loss_is_the_kl_formula_on_known_distributions():
+    """KL(p || q) = sum p log(p / q), written out with numbers: p = (0.5, 0.5), q = (0.9, 0.1) at T = 1, and at
+    T = 2 on logits log p, log q (softened to p^(1/2), q^(1/2) renormalised) times T^2; the top-k form takes the
+    teacher's log-probabilities at given indices and the student's full log-probabilities there."""
+    p, q = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.9, 0.1]])
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert kd_loss(q.log(), p.log(), 1.0).item() == pytest.approx(expected, rel=1e-6)
+    soft_p, soft_q = p.sqrt() / p.sqrt().sum(), q.sqrt() / q.sqrt().sum()
+    expected_t2 = 4 * float((soft_p * (soft_p / soft_q).log()).sum())
+    assert kd_loss(q.log(), p.log(), 2.0).item() == pytest.approx(expected_t2, rel=1e-6)
+    student = torch.tensor([[0.6, 0.3, 0.1]]).log()  # teacher's top 2: tokens 2 and 0 with p = 0.75, 0.25
+    teacher = torch.tensor([[0.75, 0.25]]).log()
+    expected_top = 0.75 * math.log(0.75 / 0.1) + 0.25 * math.log(0.25 / 0.6)
+    assert kd_loss(student, teacher, 1.0, torch.tensor([[2, 0]])).item() == pytest.approx(expected_top, rel=1e-6)
 
 
 def test_the_distill_preset_starts_an_int8_student_from_the_teacher(tiny_gemma4_dir, tiny_demo_dir, teacher_run):
@@ -67,9 +88,33 @@ def test_a_cached_teacher_runs_once_and_serves_a_student_with_another_image_budg
     index = json.loads((cache / "index.json").read_text())
     assert index["top_k"] == 8 and index["samples"] == 18  # 3 tasks x 6 training samples: every sample once
     written = [(f, f.stat().st_mtime_ns) for f in sorted(cache.iterdir())]
+
+    # what the cache holds is the teacher's own answer: each training sample alone, under the teacher's
+    # preprocessing (8 image tokens), its top 8 at every target, renormalised over the 8
+    teacher, tcfg = load_teacher(teacher_run)
+    preprocess = run_preprocessor(teacher, tcfg.data)
+    cached = read_cache(cache, str(teacher_run), 8)
+    fresh = {}
+    for shard in sorted((tiny_demo_dir / "train").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            raw: dict[str, dict] = {}
+            for member in tar.getmembers():
+                key, _, ext = member.name.partition(".")
+                raw.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
+        for key, sample in raw.items():
+            batch = collate([preprocess(sample)], teacher.tokens.pad)
+            with torch.no_grad():
+                logits = teacher(**model_inputs(batch)).logits
+            values, indices = logits.topk(8, dim=-1)
+            fresh[key] = (indices, values.log_softmax(-1))
+    assert cached.keys() == fresh.keys() and len(fresh) == 18
+    for key, (indices, logprobs) in fresh.items():
+        assert torch.equal(cached[key][0].long(), indices), key
+        torch.testing.assert_close(cached[key][1].float(), logprobs, atol=2e-3, rtol=1e-3)  # stored as float16
+
     recipe.train(compose_train(tiny_gemma4_dir, tiny_demo_dir, *overrides), tmp_path / "b")
     assert [(f, f.stat().st_mtime_ns) for f in sorted(cache.iterdir())] == written  # read, not rewritten
-    assert all(float(r["train/kl"]) >= 0 for r in _rows(tmp_path / "b"))
+    assert all(float(r["train/kl"]) > 0 for r in _rows(tmp_path / "b"))
 
     other = [o.replace("distill.top_k=8", "distill.top_k=4") for o in overrides]
     with pytest.raises(UserError, match="top-8 of teacher"):

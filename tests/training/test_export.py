@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +11,14 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import Gemma4UnifiedForConditionalGeneration
 
 from gemma_fusion.training import recipe
 from gemma_fusion import FusionModel
 from gemma_fusion.core.errors import UserError
 from gemma_fusion.export import export_run, load_export
-from gemma_fusion.models.quant import QuantizedLinear, quantize_frozen, tensor_bytes
+from gemma_fusion.models.quant import QuantizedLinear
 from gemma_fusion.models.lora import merge_lora
 from gemma_fusion.artifacts.load import load_run
 from tests.models.test_parity import _batch
@@ -65,26 +67,92 @@ def test_quant_none_loads_in_transformers_with_our_logits_and_keeps_the_trained_
     assert (_logits(base.eval(), batch) - expected).abs().max() > 1e-3  # training moved the model: the test can fail
 
 
+DECODER_LINEAR = re.compile(r"^model\.language_model\.(layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj))"
+                            r"\.weight$")
+
+
+def merged_weights_from_files(run_dir: Path) -> dict[str, torch.Tensor]:
+    """{decoder Linear path: W + (B @ A) * alpha / r}, read from the backbone's checkpoint file and the run's
+    trained adapters, with nothing of gemma_fusion or peft in between (float32)."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    scaling = cfg["lora"]["alpha"] / cfg["lora"]["r"]
+    trained = load_file(run_dir / "final" / "trainable.safetensors")
+    merged = {}
+    with safe_open(str(Path(cfg["backbone"]["path"]) / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if match := DECODER_LINEAR.match(key):
+                a, b = (f"backbone.decoder.{match[1]}.lora_{x}.default.weight" for x in "AB")
+                weight = f.get_tensor(key).float()
+                merged[match[1]] = weight + (trained[b] @ trained[a]) * scaling if a in trained else weight
+    assert any("lora_A" in k for k in trained)
+    return merged
+
+
+def absmax_quantise(weight: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest, the plain formula: per output row (int8, step max|w| / 127) or per `group`
+    inputs of a row, the row zero-padded to whole groups (int4, step max|w| / 7). -> (integers [out, in or padded],
+    steps [out, 1 or groups])."""
+    if bits == 8:
+        step = weight.abs().amax(dim=1, keepdim=True) / 127
+        return torch.round(weight / step).clamp(-127, 127), step
+    groups = torch.nn.functional.pad(weight, (0, -weight.shape[1] % group)).view(weight.shape[0], -1, group)
+    step = groups.abs().amax(dim=2, keepdim=True) / 7
+    return torch.round(groups / step).clamp(-8, 7).flatten(1), step.squeeze(-1)
+
+
+def dequantised(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """`weight` after absmax quantisation, back in float32 [out, in]."""
+    q, step = absmax_quantise(weight, bits, group)
+    if bits == 8:
+        return q * step
+    return (q.view(q.shape[0], -1, group) * step[..., None]).flatten(1)[:, : weight.shape[1]]
+
+
+def plain_quantised_model(run_dir: Path, bits: int, group: int = 64) -> FusionModel:
+    """The run's model (projectors included) with every decoder Linear set to its merged, absmax-quantised weight
+    computed from the files (`merged_weights_from_files`), kept as a plain nn.Linear."""
+    model, _ = load_run(run_dir, for_export=True)
+    merge_lora(model)  # peft's own merge removes the LoRA layers; their weights are overwritten just below
+    merged = merged_weights_from_files(run_dir)
+    decoder = model.backbone.decoder
+    with torch.no_grad():
+        for path, weight in merged.items():
+            decoder.get_submodule(path).weight.copy_(dequantised(weight, bits, group))
+    return model.eval()
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantised_export_is_the_merged_model_quantised_once(trained_run, tmp_path, quant):
+    """Against the plain formula: the stored integers and scales are the absmax quantisation of W + (B @ A) * alpha
+    / r computed from the checkpoint and adapter files, and the export's logits are those of that weight."""
+    bits, group = (8, 64) if quant == "int8" else (4, 64)  # export_run's default group_size
     out = export_run(trained_run, tmp_path / quant, quant)
     meta = json.loads((out / "export.json").read_text())
     assert not meta["transformers_compatible"] and meta["quantized"]
+    merged = merged_weights_from_files(trained_run)
+    assert set(meta["quantized"]) == {f"model.language_model.{path}" for path in merged}  # every decoder Linear
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    for name in meta["quantized"]:  # stored as int8 / packed int4, never as a full-precision weight
-        assert f"{name}.qweight" in keys and f"{name}.scale" in keys and f"{name}.weight" not in keys
+        for path, weight in merged.items():  # stored as int8 / packed int4, never as a full-precision weight
+            name = f"model.language_model.{path}"
+            assert f"{name}.weight" not in keys
+            stored, scale = f.get_tensor(f"{name}.qweight"), f.get_tensor(f"{name}.scale")
+            if bits == 4:  # two values a byte, the even index in the low nibble, stored + 8
+                assert stored.dtype == torch.uint8
+                stored = torch.stack(((stored & 0xF).to(torch.int16) - 8, (stored >> 4).to(torch.int16) - 8), -1)
+            q, step = absmax_quantise(weight, bits, group)
+            assert torch.equal(stored.flatten(1).float(), q), name
+            torch.testing.assert_close(scale.float().view_as(step), step, rtol=1e-6, atol=0)
 
-    reference, _ = load_run(trained_run, for_export=True)
-    merge_lora(reference)
-    quantize_frozen(reference.backbone.decoder, quant)
     exported, _ = load_export(out)
-    assert tensor_bytes(exported.backbone.decoder) == tensor_bytes(reference.backbone.decoder)
     layers = [m for m in exported.backbone.decoder.modules() if isinstance(m, QuantizedLinear)]
-    assert len(layers) == len(meta["quantized"]) and {m.bits for m in layers} == {8 if quant == "int8" else 4}
+    assert len(layers) == len(merged) and {m.bits for m in layers} == {bits}
     assert exported.vision.pos_embedding.dtype == torch.float32  # the position table stays full precision
     batch = _batch(exported)
-    torch.testing.assert_close(_logits(exported, batch), _logits(reference, batch), atol=1e-5, rtol=1e-5)
+    expected = _logits(plain_quantised_model(trained_run, bits, group), batch)
+    torch.testing.assert_close(_logits(exported, batch), expected, atol=1e-5, rtol=1e-5)
+    unquantised, _ = load_run(trained_run, for_export=True)
+    assert (_logits(merge_lora(unquantised).eval(), batch) - expected).abs().max() > 1e-4  # rounding shows
     with pytest.raises(UserError, match="load_export"):
         FusionModel.from_pretrained(out)
 

@@ -15,10 +15,10 @@ from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.build import build_model
 
 
-def test_train_then_eval_writes_the_run_directory(make_cfg, tmp_path):
+def test_train_then_eval_writes_the_run_directory(make_cfg, tmp_path, start_weights):
     cfg = make_cfg("trainer.max_steps=4", "eval_after_train=false")
-    before = dict(build_model(cfg).named_parameters())
     trained = recipe.train(cfg, tmp_path)
+    before = start_weights.weights  # this run's own weights when fitting started
 
     assert (tmp_path / "config.yaml").is_file()
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
@@ -50,12 +50,14 @@ def test_train_then_eval_writes_the_run_directory(make_cfg, tmp_path):
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
 
     # training moved what trains and nothing of the frozen backbone
+    assert before.keys() == dict(trained.named_parameters()).keys()
+    assert all(not before[n].any() for n in before if "lora_B" in n)  # the true start: peft's B is zero at init
     for name, p in trained.named_parameters():
         assert torch.equal(p, before[name]) != p.requires_grad, name
 
     result = recipe.run(make_cfg("trainer.max_steps=4"), tmp_path)
 
-    assert set(result) == {"overall", "tasks", "modalities"} and set(result["modalities"]) == {"image", "audio"}
+    assert set(result) == {"overall", "tasks", "modalities", "data"} and set(result["modalities"]) == {"image", "audio"}
     assert set(result["tasks"]) == {"ocr_digits", "ocr_words", "dtmf"}
     assert set(result["overall"]) == {"loss", "exact_match", "cer", "wer", "n"} and result["overall"]["n"] == 6
 
