@@ -135,7 +135,7 @@ class DataBookkeeping(Callback):
         skipped = self.totals.skipped
         metrics = {"data/skipped": float(sum(skipped.values())), "data/samples_ok": float(self.totals.ok)}
         metrics.update({f"data/skipped_{reason}": float(n) for reason, n in skipped.items()})
-        pl_module.log_dict(metrics, on_step=True, batch_size=len(batch["meta"]))
+        pl_module.log_step(metrics)  # the step's row, written after every callback's on_train_batch_end
         # (each loader process checks its own samples too, so data where nothing passes stops before any batch)
         check_bad_fraction(skipped, self.totals.ok, self.max_bad_fraction, self.check_after)
 

@@ -35,6 +35,7 @@ class FusionLitModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trainable parameters
         self.max_nonfinite_skips, self.nonfinite_skips = max_nonfinite_skips, 0
         self._t_last = None
+        self._step_metrics: dict[str, float | torch.Tensor] = {}  # this step's row of RUN/metrics.csv, see log_step
         self.step_flops = StepFlops(net.backbone.text_config, net.backbone.decoder)
         self.peak_tflops = peak_tflops  # None: the device's own (known NVIDIA cards), else no MFU
 
@@ -45,7 +46,7 @@ class FusionLitModule(L.LightningModule):
             raise UserError(f"Non-finite {what} at step {self.global_step} (skips allowed: "
                             f"optim.max_nonfinite_skips={self.max_nonfinite_skips}); lower the learning rate, check "
                             "the data with `python -m gemma_fusion.data.inspect`, or allow skips.")
-        self.log("train/nonfinite_skips", float(self.nonfinite_skips), on_step=True)
+        self.log_step({"train/nonfinite_skips": float(self.nonfinite_skips)})
 
     def forward(self, batch: dict):
         return self.net(**model_inputs(batch))
@@ -56,30 +57,44 @@ class FusionLitModule(L.LightningModule):
         if self.distiller is not None:
             targets = batch["labels"][:, 1:]
             parts = self.distiller.loss(out.logits, targets[targets != -100], batch)
-            self.log("train/ce", parts["ce"], on_step=True, batch_size=batch_size)
-            self.log("train/kl", parts["kl"], on_step=True, batch_size=batch_size)
+            self.log_step({"train/ce": parts["ce"], "train/kl": parts["kl"]})
             out.loss = parts["loss"]
         if not torch.isfinite(out.loss):
             self._nonfinite("loss")
             return None  # Lightning skips backward and the optimizer step
-        self.log("train/loss", out.loss, on_step=True, prog_bar=True, batch_size=batch_size)
-        self.log("train/targets", float(out.num_targets), on_step=True, batch_size=batch_size)
+        self.log("train/loss", out.loss, on_step=True, prog_bar=True, logger=False, batch_size=batch_size)  # the bar
+        metrics = {"train/loss": out.loss.detach(), "train/targets": float(out.num_targets)}
         now = time.perf_counter()
         if self._t_last is not None:
             dt = now - self._t_last
-            tokens = float(batch["attention_mask"].sum())
-            self.log("train/tokens_per_s", tokens / dt, on_step=True, batch_size=batch_size)
-            self.log("train/samples_per_s", batch_size / dt, on_step=True, batch_size=batch_size)
+            metrics["train/tokens_per_s"] = float(batch["attention_mask"].sum()) / dt
+            metrics["train/samples_per_s"] = batch_size / dt
             tflops = self.step_flops(batch, int(out.num_targets)) / dt / 1e12
-            self.log("train/model_tflops_per_s", tflops, on_step=True, batch_size=batch_size)
+            metrics["train/model_tflops_per_s"] = tflops
             peak = device_peak_tflops(self.device, self.peak_tflops)
             if peak:
-                self.log("train/mfu", tflops / peak, on_step=True, batch_size=batch_size)
-        self.log("train/peak_mem_gb", peak_memory_bytes(self.device) / 1e9, on_step=True, batch_size=batch_size)
+                metrics["train/mfu"] = tflops / peak
+        metrics["train/peak_mem_gb"] = peak_memory_bytes(self.device) / 1e9
         self._t_last = now
-        for group in self.optimizers().optimizer.param_groups:
-            self.log(f"lr/{group['name']}", group["lr"], on_step=True, batch_size=batch_size)
+        metrics.update({f"lr/{group['name']}": group["lr"] for group in self.optimizers().optimizer.param_groups})
+        self.log_step(metrics)
         return out.loss
+
+    def log_step(self, metrics: dict) -> None:
+        """Add to this step's row of the loggers (RUN/metrics.csv, W&B), written once at the end of the step.
+
+        Lightning's `self.log` costs about 1 ms per metric on a CPU (it files each value in its result collection,
+        for epoch aggregation and syncing that per-step metrics do not use); a step logs some fifteen, 10 % of a
+        demo step (bench/loop_overhead.py). The row goes through Lightning's own logger connector: the same step
+        numbering, `epoch` column and `trainer.log_every_n_steps` as `self.log`.
+        """
+        self._step_metrics.update(metrics)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        metrics, self._step_metrics = self._step_metrics, {}
+        connector = self.trainer._logger_connector
+        if metrics and connector.should_update_logs:
+            connector.log_metrics(metrics)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         params = [p for p in self.net.parameters() if p.grad is not None]
@@ -92,7 +107,7 @@ class FusionLitModule(L.LightningModule):
             for p in params:
                 p.grad = None  # AdamW leaves parameters without a gradient untouched: the step is a no-op
             return
-        self.log("train/grad_norm", norm, on_step=True)
+        self.log_step({"train/grad_norm": norm})
 
     def _sharded(self) -> bool:
         return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy) \

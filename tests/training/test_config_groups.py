@@ -72,6 +72,7 @@ def test_option_trains_two_steps(group, option, make_cfg, tiny_gemma4_dir, tmp_p
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == ["step-0000001.ckpt", "step-0000002.ckpt"]
 
 
+@pytest.mark.slow  # subprocesses or many steps: `pytest -m slow`, its own step in .ci/run
 @pytest.mark.parametrize("option", sorted(o for g, o in TWO_PROCESSES))
 def test_multi_process_trainer_trains_two_steps_on_two_cpu_processes(option, tiny_gemma4_dir, even_demo_dir, tmp_path):
     """trainer=ddp / trainer=fsdp with its own settings (bf16-mixed included), on 2 CPU ranks (gloo)."""

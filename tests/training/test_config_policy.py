@@ -185,6 +185,7 @@ def _refused(commands: list[tuple[list[str], int]], key: str, marker: Path) -> N
     assert not marker.exists()
 
 
+@pytest.mark.slow  # subprocesses or many steps: `pytest -m slow`, its own step in .ci/run
 @pytest.mark.parametrize("case", list(_hidden_commands(Path("M"))))
 def test_a_run_whose_config_hides_a_command_is_refused_by_every_entry_point(case, shared, tmp_path):
     marker, run = tmp_path / "MARKER", tmp_path / "run"

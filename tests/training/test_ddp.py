@@ -54,6 +54,7 @@ def _rank_shares(demo: Path, monkeypatch) -> list[set[str]]:
     return shares
 
 
+@pytest.mark.slow  # subprocesses or many steps: `pytest -m slow`, its own step in .ci/run
 @pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
 def test_two_ranks_split_the_data_and_end_with_identical_weights(launcher, tiny_gemma4_dir, even_demo_dir,
                                                                  tmp_path, monkeypatch):
@@ -105,6 +106,7 @@ def test_external_launch_needs_a_pinned_run_dir(tmp_path):
     assert proc.returncode != 0 and "hydra.run.dir" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # subprocesses or many steps: `pytest -m slow`, its own step in .ci/run
 def test_sigterm_to_every_rank_checkpoints_once_and_exits_0(tiny_gemma4_dir, even_demo_dir, tmp_path):
     """As SLURM does at preemption: SIGTERM to all ranks; they agree on a step, checkpoint, exit 0."""
     import signal

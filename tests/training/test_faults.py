@@ -80,6 +80,7 @@ def _assert_same_run(reference: Path, run_dir: Path, what: str) -> None:
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
 
 
+@pytest.mark.slow  # subprocesses or many steps: `pytest -m slow`, its own step in .ci/run
 @pytest.mark.parametrize("kills", [(9, 12), "random"])  # 9: just after the epoch boundary (9 batches/epoch)
 def test_killed_twice_and_resumed_logs_the_losses_of_an_uninterrupted_run(kills, reference, tiny_gemma4_dir,
                                                                           tiny_demo_dir, tmp_path):
@@ -100,6 +101,7 @@ def test_killed_twice_and_resumed_logs_the_losses_of_an_uninterrupted_run(kills,
     _assert_same_run(reference, killed, what)
 
 
+@pytest.mark.slow  # subprocesses or many steps: `pytest -m slow`, its own step in .ci/run
 @pytest.mark.parametrize("fault", ["kill_mid_save", "kill_before_rename"])
 def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoints_and_resume_ignores_the_partial_one(
         fault, reference, tiny_gemma4_dir, tiny_demo_dir, tmp_path):
@@ -123,6 +125,7 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoints_and_res
     _assert_same_run(reference, run_dir, fault)
 
 
+@pytest.mark.slow  # subprocesses or many steps: `pytest -m slow`, its own step in .ci/run
 def test_a_full_disk_while_saving_is_one_sentence_and_the_previous_checkpoints_carry_the_run(
         reference, tiny_gemma4_dir, tiny_demo_dir, tmp_path):
     """A real write failure from the kernel: the resumed run gets a file-size limit (RLIMIT_FSIZE, EFBIG) below
@@ -220,6 +223,7 @@ def test_nan_losses_are_skipped_and_counted_when_allowed(make_cfg, tmp_path, mon
     assert max(skips) == 2
 
 
+@pytest.mark.slow  # subprocesses or many steps: `pytest -m slow`, its own step in .ci/run
 def test_sigusr1_under_slurm_checkpoints_requeues_and_the_requeued_job_resumes(tiny_gemma4_dir, tiny_demo_dir,
                                                                                tmp_path):
     """SLURM's warning before the time limit (`--signal=USR1@120`): checkpoint at the step boundary, exit 0,

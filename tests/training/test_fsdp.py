@@ -58,6 +58,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
+@pytest.mark.slow  # subprocesses or many steps: `pytest -m slow`, its own step in .ci/run
 def test_fsdp_trains_checkpoints_resumes_and_gathers_whole_weights(tiny_gemma4_dir, even_demo_dir, tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     # the first segment of `split` stops after 3 steps on the same 6-step schedule; the second resumes from step 2

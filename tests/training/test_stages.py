@@ -66,6 +66,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(make_cfg):
     _same_losses_and_gradients(make_cfg, "model.gradient_checkpointing", 1, 1e-6, count_calls)
 
 
+@pytest.mark.slow  # subprocesses or many steps: `pytest -m slow`, its own step in .ci/run
 def test_compiled_layers_give_the_same_loss_and_gradients(make_cfg):
     """model.compile=true: inductor-compiled decoder layers (about a minute of compilation on 2 cores); two
     batches of different lengths: one dynamic graph serves both."""

@@ -27,6 +27,8 @@ def test_train_then_eval_writes_the_run_directory(make_cfg, tmp_path, start_weig
     assert {"train/tokens_per_s", "train/samples_per_s", "lr/vision", "lr/audio", "lr/lora", "train/grad_norm",
             "train/model_tflops_per_s", "train/peak_mem_gb", "data/skipped"} <= set(rows[0])
     assert all(float(r["train/model_tflops_per_s"]) > 0 for r in rows if r.get("train/model_tflops_per_s"))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]  # one row per step, the step's metrics all in it:
+    assert all(r["train/loss"] and r["train/grad_norm"] and r["lr/lora"] and r["data/samples_ok"] for r in rows)
 
     saved = load_file(tmp_path / "final" / "trainable.safetensors")
     model = build_model(cfg)
