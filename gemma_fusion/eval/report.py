@@ -265,10 +265,7 @@ def plot_loss_curves(groups: dict[str, list[Run]], path: Path) -> None:
         mean = [statistics.fmean(d[s] for d in by_run) for s in steps]
         ax.plot(steps, _smooth(mean, max(1, len(steps) // 50)), label=f"{design} (n={len(runs)})")
     ax.set(xlabel="step", ylabel="training loss (mean over seeds, smoothed)", yscale="log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def plot_metric_vs_compute(rows: list[dict], path: Path) -> None:
@@ -283,10 +280,7 @@ def plot_metric_vs_compute(rows: list[dict], path: Path) -> None:
         ax.errorbar(c, em, xerr=c_std, yerr=yerr, fmt="o", capsize=3, label=row["design"])
     ax.set(xlabel="training compute (FLOPs, ≈ 3 × forward × samples)",
            ylabel="held-out exact match (95 % t-interval over seeds)", xscale="log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def plot_scaling(groups: dict[str, list[Run]], fit: dict, path: Path, residuals_path: Path) -> None:
@@ -301,10 +295,7 @@ def plot_scaling(groups: dict[str, list[Run]], fit: dict, path: Path, residuals_
             label=f"L = {fit['a']:.3g} C^{fit['b']:.3f} (95 % CI {fit['b_low']:.3f} … {fit['b_high']:.3f}, "
                   f"bootstrap over runs; R² {fit['r2']:.2f})")
     ax.set(xlabel="training compute (FLOPs)", ylabel="held-out loss", xscale="log", yscale="log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path)
 
     fig, ax = plt.subplots(figsize=(8, 4))
     runs = [r for rs in groups.values() for r in rs]
@@ -314,19 +305,17 @@ def plot_scaling(groups: dict[str, list[Run]], fit: dict, path: Path, residuals_
     ax.axhline(0, color="k", linestyle="--", linewidth=1)
     ax.set(xlabel="training compute (FLOPs)", ylabel="residual: log held-out loss − log fit", xscale="log",
            title=f"residuals of the power-law fit (R² {fit['r2']:.3f}, {fit['n']} runs)")
+    _save(fig, ax, residuals_path)
+
+
+def _save(fig, ax, path: Path) -> None:
+    """Legend, layout, `path` as PNG, and the figure closed."""
+    import matplotlib.pyplot as plt
+
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(residuals_path, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _json_ready(value):
-    """Tuples as lists, for json.dumps."""
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    return value
 
 
 def write_report(sweep_dir: str | Path, fit: bool | None = None) -> Path:
@@ -379,9 +368,9 @@ def write_report(sweep_dir: str | Path, fit: bool | None = None) -> Path:
                       f"{result['b_low']:.4f} … {result['b_high']:.4f}, percentile bootstrap over runs, "
                       f"{BOOTSTRAP_SAMPLES} resamples; R² {result['r2']:.3f}).{few}",
                   "", f"![scaling]({sweep.scaling.name})", "", f"![residuals]({sweep.scaling_residuals.name})"]
-    sweep.report_json.write_text(json.dumps(_json_ready({
+    sweep.report_json.write_text(json.dumps({
         "sweep": str(sweep_dir), "runs": len(runs), "common_overrides": common, "designs": rows,
-        "comparisons": comparisons, "fit": result}), indent=2))
+        "comparisons": comparisons, "fit": result}, indent=2))
     path = sweep.report
     path.write_text("\n".join(lines) + "\n")
     return path
