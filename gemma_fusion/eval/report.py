@@ -310,7 +310,7 @@ def plot_scaling(groups: dict[str, list[Run]], fit: dict, path: Path, residuals_
 
 def _save(fig, ax, path: Path) -> None:
     """Legend, layout, `path` as PNG, and the figure closed."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use('Agg') in write_report; slow to import
 
     ax.legend(fontsize=7)
     fig.tight_layout()
