@@ -3,6 +3,7 @@ saving, SIGTERM / SIGUSR1, non-finite losses."""
 from __future__ import annotations
 
 import csv
+import math
 import os
 import random
 import resource
@@ -188,8 +189,20 @@ def test_a_second_sigterm_stops_at_once_when_a_step_does_not_end():
     assert proc.returncode == -signal.SIGTERM
 
 
-def _poison(monkeypatch, at_steps: set[int]):
-    """Make the loss NaN at the given steps (a real forward pass, multiplied by NaN)."""
+class _NanGradient(torch.autograd.Function):
+    """The identity forward; backward sends NaN to every gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _poison(monkeypatch, at_steps: set[int], where: str = "loss"):
+    """Make the loss (or, `where="gradient"`, only the gradients) NaN at the given steps of a real forward pass."""
     from gemma_fusion.training.module import FusionLitModule
 
     forward = FusionLitModule.forward
@@ -197,7 +210,7 @@ def _poison(monkeypatch, at_steps: set[int]):
     def poisoned(self, batch):
         out = forward(self, batch)
         if self.global_step in at_steps:
-            out.loss = out.loss * float("nan")
+            out.loss = out.loss * float("nan") if where == "loss" else _NanGradient.apply(out.loss)
         return out
 
     monkeypatch.setattr(FusionLitModule, "forward", poisoned)
@@ -221,6 +234,20 @@ def test_nan_losses_are_skipped_and_counted_when_allowed(make_cfg, tmp_path, mon
     with (tmp_path / "run" / "metrics.csv").open(newline="") as f:
         skips = [float(r["train/nonfinite_skips"]) for r in csv.DictReader(f) if r.get("train/nonfinite_skips")]
     assert max(skips) == 2
+
+
+def test_a_nan_gradient_stops_the_run_or_is_skipped_without_touching_the_weights(make_cfg, tmp_path, monkeypatch):
+    from gemma_fusion.training import recipe
+
+    _poison(monkeypatch, {1}, where="gradient")
+    with pytest.raises(UserError, match="Non-finite gradient at step 1"):
+        recipe.train(make_cfg("trainer.max_steps=3"), tmp_path / "stop")
+    model = recipe.train(make_cfg("trainer.max_steps=3", "optim.max_nonfinite_skips=1"), tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # NaN gradients never reached AdamW
+    with (tmp_path / "run" / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["train/nonfinite_skips"]) for r in rows if r.get("train/nonfinite_skips")] == [1.0]
+    assert all(math.isfinite(float(r["train/loss"])) for r in rows if r.get("train/loss"))
 
 
 @pytest.mark.slow  # subprocesses or many steps: `pytest -m slow`, its own step in .ci/run
