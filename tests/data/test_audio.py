@@ -51,6 +51,18 @@ def test_resampled_to_16k(source_rate):
     assert wave.abs().max() == pytest.approx(0.5, abs=0.02)
 
 
+@pytest.mark.parametrize("source_rate", [8000, 22050, 44100])
+def test_resampling_matches_torchaudio_at_any_length(source_rate):
+    """Clips of many lengths (each a new convolution shape) against torchaudio's own resample."""
+    import torchaudio.functional as AF
+
+    rng = np.random.default_rng(source_rate)
+    for n in rng.integers(source_rate // 2, 2 * source_rate, size=6):
+        samples = rng.uniform(-0.5, 0.5, size=int(n)).astype(np.float32)
+        expected = AF.resample(torch.from_numpy(samples), source_rate, 16000)
+        assert torch.allclose(load_audio((samples, source_rate)), expected, rtol=0, atol=1e-5)
+
+
 def test_integer_pcm_tuple():
     pcm = np.array([0, 16384, -32768, 32767], dtype=np.int16)
     assert load_audio((pcm, 16000)).tolist() == pytest.approx([0.0, 0.5, -1.0, 32767 / 32768])
