@@ -1,13 +1,15 @@
 """The demo model at bf16 / int8 / int4 and a distilled int8 student: held-out exact match, memory, decode speed.
 
     python bench/inference_demo.py --run runs/demo [--student runs/demo_int8] [--out exports/bench] [--steps 32]
+        [--split val|test]
 
 For the trained run (`--run`, the teacher) it exports `quant=none dtype=bfloat16`, `quant=int8` and
 `quant=int4` (bf16 base, LoRA merged; `python -m gemma_fusion.export`) into `--out`, then for the run itself
 (float32, as trained), each export and the distilled student run (`--student`, evaluated as it trained: its
 adapters on its int8 base) measures, one after another in this process:
 
-- held-out exact match on the run's `data.val` (greedy, KV-cached; overall, image, audio), as `eval.py`;
+- held-out exact match on the run's `data.val` (`--split test`: its `data.test`, the split nothing was tuned on)
+  (greedy, KV-cached; overall, image, audio), as `eval.py`;
 - weights: bytes of every parameter and buffer of the model (quantised layers as stored), and of the backbone
   alone (decoder, embeddings, LM head; with the student's unmerged LoRA adapters);
 - decode: time to first token (prefill of one image prompt) and tokens/s over `--steps` cached decode steps,
@@ -53,12 +55,12 @@ def decode_speed(model, batch: dict, steps: int, repeats: int = 3) -> tuple[floa
     return statistics.median(ttfts), statistics.median(rates)
 
 
-def measure(name: str, path: Path, steps: int, records: Path) -> dict:
+def measure(name: str, path: Path, steps: int, records: Path, split: str = "val") -> dict:
     from dataclasses import replace
 
     from gemma_fusion.core.schema import data_config
     from gemma_fusion.data.pipeline import make_loader, run_preprocessor
-    from gemma_fusion.eval.evaluate import evaluate, prompt_only
+    from gemma_fusion.eval.evaluate import eval_shards, evaluate, prompt_only
     from gemma_fusion.models.quant import tensor_bytes
     from gemma_fusion.artifacts.load import load_for_inference
     from gemma_fusion.artifacts.rundir import RunDir
@@ -66,14 +68,16 @@ def measure(name: str, path: Path, steps: int, records: Path) -> dict:
     model, cfg = load_for_inference(path)
     data = cfg.data
     preprocess = run_preprocessor(model, data, skip_long=False)
-    loader = make_loader(data, preprocess, train=False, split_by_rank=False)
+    shards = eval_shards(data, split)["shards"]
+    loader = make_loader(data, preprocess, train=False, spec=shards, split_by_rank=False)
     result = evaluate(model, loader, max_new_tokens=16, predictions_path=RunDir(records).predictions)
     one = replace(data_config(data), eval_batch_size=1)
     first = next(iter(make_loader(one, preprocess, train=False, split_by_rank=False)))  # one image prompt
     ttft, rate = decode_speed(model, prompt_only(first, model.tokens.pad), steps)
     em = {"overall": result["overall"]["exact_match"],
           **{m: v["exact_match"] for m, v in result.get("modalities", {}).items()}}
-    return {"model": name, "path": str(path), "records": str(records), "exact_match": em, "n": result["overall"]["n"],
+    return {"model": name, "path": str(path), "records": str(records), "split": split, "shards": shards,
+            "exact_match": em, "n": result["overall"]["n"],
             "weights_bytes": tensor_bytes(model), "backbone_bytes": tensor_bytes(model.backbone),
             "ttft_s": round(ttft, 4), "decode_tokens_per_s": round(rate, 1)}
 
@@ -84,6 +88,8 @@ def main() -> None:
     parser.add_argument("--student", help="a distilled student run (experiment=distill)")
     parser.add_argument("--out", default="exports/bench", help="where the exports go")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed")
+    parser.add_argument("--split", choices=("val", "test"), default="val",
+                        help="the runs' data.val or data.test (exact match)")
     args = parser.parse_args()
 
     from gemma_fusion.eval.compare import distillation_effect, paired, read_records
@@ -101,7 +107,7 @@ def main() -> None:
     for name, path in models:
         records = out / "records" / re.sub(r"\W+", "_", name).strip("_")  # e.g. student_int8_distilled
         records.mkdir(parents=True, exist_ok=True)
-        row = measure(name, path, args.steps, records)
+        row = measure(name, path, args.steps, records, args.split)
         rows.append(row)
         print(json.dumps(row), flush=True)
     teacher = rows[0]["exact_match"]["overall"]
