@@ -17,7 +17,7 @@ from gemma_fusion.report import main, power_law_fit, write_report
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _fake_run(job, overrides, seed, em, loss, flops=1e7, steps=40, batch=4, records=None):
+def _fake_run(job, overrides, seed, em, loss, flops=1e7, steps=40, batch=4, records=None, split="test"):
     """A finished sweep job; `records`: per-sample (exact_match, loss) pairs -> eval_predictions.jsonl."""
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides + [f"seed={seed}"]))
@@ -30,7 +30,8 @@ def _fake_run(job, overrides, seed, em, loss, flops=1e7, steps=40, batch=4, reco
     rows = ["step,train/loss"] + [f"{s},{loss + (steps - s) / steps}" for s in range(steps)]
     (job / "metrics.csv").write_text("\n".join(rows) + "\n")
     (job / "eval.json").write_text(json.dumps({"overall": {"loss": loss, "exact_match": em, "n": 10},
-                                               "modalities": {"image": {"loss": loss, "exact_match": em, "n": 10}}}))
+                                               "modalities": {"image": {"loss": loss, "exact_match": em, "n": 10}},
+                                               "data": {"split": split, "shards": f"/data/{split}"}}))
     if records is not None:
         (job / "eval_predictions.jsonl").write_text("".join(
             json.dumps({"key": f"s{i:04d}", "modality": "image", "exact_match": e, "loss": v}) + "\n"
@@ -134,6 +135,19 @@ def test_without_per_sample_records_the_report_says_so_instead_of_a_winner(tmp_p
     assert "wins" not in report
     row = json.loads((tmp_path / "report.json").read_text())["designs"][0]
     assert row["em_ci"] == [0.2, None, None]  # one seed: no interval
+
+
+def test_the_report_names_the_held_out_split_and_warns_when_runs_differ(tmp_path):
+    for job, split in enumerate(["test", "test"]):
+        _fake_run(tmp_path / "same" / str(job), [f"model/vision=d{job}"], 0, 0.5, 1.0, split=split)
+    report = write_report(tmp_path / "same").read_text()
+    assert "Held-out data: the runs' `test` split (`/data/test`), the same for every run." in report
+    for job, split in enumerate(["test", "val"]):
+        _fake_run(tmp_path / "mixed" / str(job), [f"model/vision=d{job}"], 0, 0.5, 1.0, split=split)
+    report = write_report(tmp_path / "mixed").read_text()
+    assert "**Held-out data differ between runs** (test, val)" in report
+    heldout = json.loads((tmp_path / "mixed" / "report.json").read_text())["heldout"]
+    assert heldout["same"] is False and heldout["splits"] == ["test", "val"]
 
 
 def test_the_seed_level_is_resampled_exactly_as_the_bootstrap_says():

@@ -333,7 +333,8 @@ def write_report(sweep_dir: str | Path, fit: bool | None = None) -> Path:
         fit = any(o == "experiment=scaling" for r in runs for o in r.overrides)
     plot_loss_curves(groups, sweep.loss_curves)
     plot_metric_vs_compute(rows, sweep.metric_vs_compute)
-    lines = [f"# Sweep report: {sweep_dir}", "",
+    heldout = heldout_data(runs)
+    lines = [f"# Sweep report: {sweep_dir}", "", heldout["sentence"], "",
              f"{len(runs)} runs, {len(groups)} designs. Held-out loss and exact match: mean over seeds [95 % "
              f"Student-t interval over seeds]; other columns: mean ± std over seeds. Reproduce: "
              f"`python -m gemma_fusion.report {sweep_dir}`. Overrides of every run: "
@@ -369,11 +370,29 @@ def write_report(sweep_dir: str | Path, fit: bool | None = None) -> Path:
                       f"{BOOTSTRAP_SAMPLES} resamples; R² {result['r2']:.3f}).{few}",
                   "", f"![scaling]({sweep.scaling.name})", "", f"![residuals]({sweep.scaling_residuals.name})"]
     sweep.report_json.write_text(json.dumps({
-        "sweep": str(sweep_dir), "runs": len(runs), "common_overrides": common, "designs": rows,
+        "sweep": str(sweep_dir), "runs": len(runs), "common_overrides": common, "heldout": heldout, "designs": rows,
         "comparisons": comparisons, "fit": result}, indent=2))
     path = sweep.report
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def heldout_data(runs: list[Run]) -> dict:
+    """What the held-out columns were measured on: the split (and shards) each run's eval.json records
+    (`"data"`, written by eval_after_train and eval.py), and one sentence saying it, or that the runs differ."""
+    seen = {(d.get("split"), str(d.get("shards"))) for d in (r.evaluation.get("data") or {} for r in runs)}
+    splits = sorted({split or "unrecorded" for split, _ in seen})
+    if len(seen) == 1:
+        split, shards = next(iter(seen))
+        if split is None and shards == "None":
+            sentence = ("Held-out data: not recorded in the runs' eval.json (runs from before the test split): "
+                        "re-evaluate each with `python eval.py run=RUN data.eval=test`.")
+        else:
+            sentence = f"Held-out data: the runs' `{split or 'shards'}` split (`{shards}`), the same for every run."
+    else:
+        sentence = (f"**Held-out data differ between runs** ({', '.join(splits)}): the columns do not compare; "
+                    "re-evaluate every run on one split with `python eval.py run=RUN data.eval=test`.")
+    return {"splits": splits, "same": len(seen) == 1, "sentence": sentence}
 
 
 def _difference_table(comparisons: dict) -> list[str]:
