@@ -378,15 +378,15 @@ def write_report(sweep_dir: str | Path, fit: bool | None = None) -> Path:
 
 
 def heldout_data(runs: list[Run]) -> dict:
-    """What the held-out columns were measured on: the split (and shards) each run's eval.json records
+    """What the held-out columns were measured on: the split (and shards) each run's evaluation records
     (`"data"`, written by eval_after_train and eval.py), and one sentence saying it, or that the runs differ."""
     seen = {(d.get("split"), str(d.get("shards"))) for d in (r.evaluation.get("data") or {} for r in runs)}
     splits = sorted({split or "unrecorded" for split, _ in seen})
     if len(seen) == 1:
         split, shards = next(iter(seen))
         if split is None and shards == "None":
-            sentence = ("Held-out data: not recorded in the runs' eval.json (runs from before the test split): "
-                        "re-evaluate each with `python eval.py run=RUN data.eval=test`.")
+            sentence = (f"Held-out data: not recorded in the runs' {RunDir(runs[0].path).eval.name} (made before the "
+                        "test split): re-evaluate each with `python eval.py run=RUN data.eval=test`.")
         else:
             sentence = f"Held-out data: the runs' `{split or 'shards'}` split (`{shards}`), the same for every run."
     else:
