@@ -380,15 +380,15 @@ def write_report(sweep_dir: str | Path, fit: bool | None = None) -> Path:
 def heldout_data(runs: list[Run]) -> dict:
     """What the held-out columns were measured on: the split (and shards) each run's evaluation records
     (`"data"`, written by eval_after_train and eval.py), and one sentence saying it, or that the runs differ."""
-    seen = {(d.get("split"), str(d.get("shards"))) for d in (r.evaluation.get("data") or {} for r in runs)}
+    recorded = [r.evaluation.get("data") or {} for r in runs]
+    seen = {(d.get("split"), json.dumps(d.get("shards"))) for d in recorded}  # shards: a string or a list
     splits = sorted({split or "unrecorded" for split, _ in seen})
-    if len(seen) == 1:
-        split, shards = next(iter(seen))
-        if split is None and shards == "None":
-            sentence = (f"Held-out data: not recorded in the runs' {RunDir(runs[0].path).eval.name} (made before the "
-                        "test split): re-evaluate each with `python eval.py run=RUN data.eval=test`.")
-        else:
-            sentence = f"Held-out data: the runs' `{split or 'shards'}` split (`{shards}`), the same for every run."
+    if not any(recorded):
+        sentence = (f"Held-out data: not recorded in the runs' {RunDir(runs[0].path).eval.name} (made before the "
+                    "test split): re-evaluate each with `python eval.py run=RUN data.eval=test`.")
+    elif len(seen) == 1:
+        split, shards = recorded[0].get("split"), recorded[0].get("shards")
+        sentence = f"Held-out data: the runs' `{split or 'shards'}` split (`{shards}`), the same for every run."
     else:
         sentence = (f"**Held-out data differ between runs** ({', '.join(splits)}): the columns do not compare; "
                     "re-evaluate every run on one split with `python eval.py run=RUN data.eval=test`.")
