@@ -56,6 +56,9 @@ class PretrainConfig:
     seed: int = 0
     eval_examples: int = 256
     bidirectional_audio: bool = True  # audio slots attend both ways, as the demo's FusionModel does
+    # > 0: Gaussian noise on the slot characters' embeddings, a random share in [0, slot_noise] of each row's
+    # embedding RMS, so the backbone learns to read approximate slot embeddings (a projector's early output).
+    slot_noise: float = 0.0
 
 
 def make_batch(tokenizer, tasks: list[str], rng: np.random.Generator, batch_size: int,
@@ -81,9 +84,17 @@ def make_batch(tokenizer, tasks: list[str], rng: np.random.Generator, batch_size
                 tasks=names)
 
 
-def step_loss(backbone: Backbone, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy on the target tokens and, per row, whether every target token is the argmax."""
-    hidden = backbone(backbone.embed(batch["input_ids"]), None, None, block_ids_from(batch["blocks"]))
+def step_loss(backbone: Backbone, batch: dict[str, torch.Tensor], slot_noise: float = 0.0,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy on the target tokens and, per row, whether every target token is the argmax
+    (`slot_noise`: see PretrainConfig)."""
+    embeds = backbone.embed(batch["input_ids"])
+    if slot_noise > 0:
+        rms = embeds.detach().pow(2).mean(-1, keepdim=True).sqrt()  # B, S, 1
+        share = torch.rand(embeds.shape[0], 1, 1, generator=generator) * slot_noise  # B, 1, 1
+        noise = torch.randn(embeds.shape, generator=generator) * rms * share
+        embeds = embeds + noise * batch["blocks"].unsqueeze(-1)
+    hidden = backbone(embeds, None, None, block_ids_from(batch["blocks"]))
     targets = batch["labels"][:, 1:]
     selected = targets != IGNORE_INDEX
     logits = backbone.logits(hidden[:, :-1][selected]).float()
@@ -113,10 +124,12 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig = PretrainConfig()) -> dic
     def schedule(s):
         return min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * s / steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    noise_generator = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="pretraining tiny backbone on text", unit="step")
     for step in bar:
-        loss, _ = step_loss(backbone, make_batch(tokenizer, task_at[step], rng, cfg.batch_size, cfg.bidirectional_audio))
+        loss, _ = step_loss(backbone, make_batch(tokenizer, task_at[step], rng, cfg.batch_size, cfg.bidirectional_audio),
+                            cfg.slot_noise, noise_generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)
@@ -152,7 +165,10 @@ def ensure_pretrained(out_dir: str | Path, cfg: PretrainConfig = PretrainConfig(
     stamp = out_dir / "pretrain.json"
     if stamp.is_file():
         made = json.loads(stamp.read_text())
-        if made.get("format_version") == FORMAT_VERSION and made.get("config") == asdict(cfg):
+        # a key added to PretrainConfig after the backbone was made had its default then (new keys default to the
+        # former behaviour), so a backbone made before it still matches a recipe that keeps the default
+        recorded = {**asdict(PretrainConfig()), **made.get("config", {})}
+        if made.get("format_version") == FORMAT_VERSION and recorded == asdict(cfg):
             return out_dir
     report = pretrain(out_dir, cfg)
     print(f"tiny backbone pretrained in {report['seconds']} s: held-out text exact match "
