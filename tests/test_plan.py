@@ -118,13 +118,16 @@ def _bench(name: str):
 def test_activation_estimate_matches_a_measured_prefill(shape):
     """The planner's activations against the allocator's peak during a real bf16 prefill (an image block and
     text, 1024 tokens; the tiny preset peaks in attention, the 12B-proportioned shape in the MLP, wide_heads in
-    q_norm), less the exact KV cache and the CPU attention kernel's own scratch. Bytes are counted, not timed."""
+    q_norm), less the exact KV cache, with the CPU attention kernel's own scratch left out at every moment (its
+    size is the kernel's choice and differs by CPU: 0.4x the rest on an Intel Xeon with AMX, a few % on an AMD
+    EPYC; subtracted once at the overall peak it moved the 12B shape's peak into attention and the ratio to 1.39
+    on the Xeon). Bytes are counted, not timed."""
     bench = _bench("activation_memory")
     config = bench.SHAPES[shape]()
     point = bench.measure(bench.build(config), 1024)
     planner = MemoryPlanner(config, "bf16")
-    measured = point["peak_bytes"] - planner.kv_cache_bytes(1024) - point["kernel_scratch_bytes"]
-    assert point["kernel_scratch_bytes"] < 0.25 * measured
+    measured = point["peak_without_scratch_bytes"] - planner.kv_cache_bytes(1024)
+    assert point["peak_bytes"] - point["kernel_scratch_bytes"] <= point["peak_without_scratch_bytes"] <= point["peak_bytes"]
     low, high = bench.TARGET
     assert low <= planner.activation_bytes(1024) / measured <= high, (planner.activation_bytes(1024), point)
 
