@@ -110,15 +110,16 @@ def allocated_peak(fn) -> dict:
                      if n.tag == _EventType.Allocation), key=lambda n: n.start_time_ns)
     start = allocs[0].extra_fields.total_allocated - allocs[0].extra_fields.alloc_size
     live: dict[int, int] = {}  # address -> bytes of the attention kernels' own buffers now allocated
-    peak = rest_peak = scratch_peak = 0
+    peak = rest_peak = scratch_peak = scratch = 0  # scratch: sum(live.values()), kept as it changes
     rest_at = allocs[0]
     for node in allocs:
         fields, ops = node.extra_fields, _allocating_ops(node)
         if fields.alloc_size < 0:
-            live.pop(fields.ptr, None)
+            scratch -= live.pop(fields.ptr, 0)
         elif ops[:1] == ["aten::empty"] and ops[1:2] and ops[1].startswith("aten::_scaled_dot_product"):
             live[fields.ptr] = fields.alloc_size
-        total, scratch = fields.total_allocated - start, sum(live.values())
+            scratch += fields.alloc_size
+        total = fields.total_allocated - start
         peak, scratch_peak = max(peak, total), max(scratch_peak, scratch)
         if total - scratch > rest_peak:
             rest_peak, rest_at = total - scratch, node

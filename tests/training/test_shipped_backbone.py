@@ -49,15 +49,16 @@ def test_the_shipped_backbone_reads_the_demo_text_formats():
 
 def test_slot_noise_perturbs_only_the_slot_embeddings():
     """PretrainConfig.slot_noise: rows without slots give the noiseless loss; rows with slots do not (and 0 is off)."""
-    path, recipe = _tiny_recipe()
-    backbone = load_backbone(path).backbone.eval()
-    batch = make_batch(load_backbone(path).tokenizer, ["ocr_words"], np.random.default_rng(5), 8)
+    path, _ = _tiny_recipe()
+    loaded = load_backbone(path)
+    backbone = loaded.backbone.eval()
+    batch = make_batch(loaded.tokenizer, ["ocr_words"], np.random.default_rng(5), 8)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         clean, _ = step_loss(backbone, batch)
         assert torch.equal(step_loss(backbone, batch, 0.0, generator)[0], clean)
         noisy, _ = step_loss(backbone, batch, 1.0, generator)
         no_slots = {**batch, "blocks": torch.zeros_like(batch["blocks"])}
-        plain_no_slots, _ = step_loss(backbone, {**no_slots})
+        plain_no_slots, _ = step_loss(backbone, no_slots)
         assert torch.equal(step_loss(backbone, no_slots, 1.0, generator)[0], plain_no_slots)
     assert not torch.allclose(noisy, clean)
