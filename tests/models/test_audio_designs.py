@@ -7,7 +7,8 @@ import torchaudio
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
 from gemma_fusion.models.projectors.audio_designs import (FrameStackProjector, HFAudioProjector,
-                                                          MelConformerProjector, WaveConvProjector, power_mel)
+                                                          MelConformerProjector, SincFilterbankProjector,
+                                                          WaveConvProjector, mel_spaced, power_mel)
 
 OUT, FRAME = 32, 320
 
@@ -31,7 +32,7 @@ def whisper_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(params=["frame_stack_mlp", "conv1d", "mel_conformer", "hf_audio", "hf_audio_trainable"])
+@pytest.fixture(params=["frame_stack_mlp", "conv1d", "mel_conformer", "sinc_fbank", "hf_audio", "hf_audio_trainable"])
 def design(request, whisper_dir):
     torch.manual_seed(0)
     return {
@@ -39,6 +40,7 @@ def design(request, whisper_dir):
         "conv1d": lambda: WaveConvProjector(OUT, FRAME, channels=8),
         "mel_conformer": lambda: MelConformerProjector(OUT, FRAME, n_mels=16, width=16, depth=2, heads=2,
                                                        kernel_size=5),
+        "sinc_fbank": lambda: SincFilterbankProjector(OUT, FRAME, bands=12, hidden_dim=24),
         "hf_audio": lambda: HFAudioProjector(OUT, str(whisper_dir), FRAME),
         "hf_audio_trainable": lambda: HFAudioProjector(OUT, str(whisper_dir), FRAME, trainable=True, hidden_dim=24),
     }[request.param]()
@@ -95,7 +97,9 @@ def test_gradients_reach_every_trainable_parameter(design):
     lambda: WaveConvProjector(OUT, 16, kernels=(10, 3, 3), strides=(5, 2, 2)),
     lambda: WaveConvProjector(OUT, 320, kernels=(10, 3), strides=(5,)),
     lambda: MelConformerProjector(OUT, 322),
-], ids=["stack_not_dividing", "stack_zero", "frame_too_short_for_convs", "kernels_strides_mismatch", "hop_not_integer"])
+    lambda: SincFilterbankProjector(OUT, 640, min_hz=7990.0),
+], ids=["stack_not_dividing", "stack_zero", "frame_too_short_for_convs", "kernels_strides_mismatch", "hop_not_integer",
+        "cutoff_above_nyquist"])
 def test_bad_frame_settings_raise(make):
     with pytest.raises(ValueError):
         make()
@@ -144,3 +148,34 @@ def test_mel_conformer_front_end_is_torchaudio_mel_spectrogram():
     expected = torchaudio.transforms.MelSpectrogram(sample_rate=16000, n_fft=400, hop_length=FRAME // 4, n_mels=16,
                                                     pad_mode="constant")(wave)
     torch.testing.assert_close(power_mel(wave, proj.window, proj.mel_fbank, proj.hop, "constant"), expected)
+
+
+def test_sinc_fbank_band_energies_equal_an_fft_reference():
+    """The DFT-by-matmul front end against torch.fft.rfft of the Hann-windowed frame: each band's mean power is
+    sum_f response(f) |X(f)|^2 / N over sum_f response(f); the features are its log, minus the clip's mean."""
+    torch.manual_seed(0)
+    proj = SincFilterbankProjector(OUT, 640, bands=16, hidden_dim=24)
+    with torch.no_grad():
+        proj.low_hz.add_(torch.rand(16) * 50)  # cut-offs off the initial grid
+    frames, mask = 0.3 * torch.randn(1, 5, 640), torch.ones(1, 5, dtype=torch.bool)
+    window = torch.hann_window(640, periodic=True, dtype=torch.float64)
+    power = torch.fft.rfft(frames.double() * window).abs().pow(2) / 640  # 1, 5, 321
+    response = proj.responses().double()
+    log_energy = torch.log(power @ response.T / response.sum(-1) + proj.eps)
+    expected = proj.mlp((log_energy - log_energy.mean(1, keepdim=True)).float())
+    torch.testing.assert_close(proj(frames, mask), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sinc_fbank_picks_the_band_of_a_tone_and_ignores_the_gain():
+    """A pure tone lights the band whose cut-offs enclose it (mel-spaced at initialisation); scaling the waveform
+    by 100 moves every log energy by the same constant, which the per-clip mean removes."""
+    proj = SincFilterbankProjector(OUT, 640, bands=32, hidden_dim=24)
+    edges = mel_spaced(30.0, 8000.0, 33)
+    t = torch.arange(4 * 640) / 16000
+    for hz in (697.0, 1336.0, 3000.0):
+        tone = torch.sin(2 * torch.pi * hz * t).reshape(1, 4, 640)
+        energy = (proj.dft.T @ tone[0, 1]).pow(2).unflatten(0, (2, -1)).sum(0) @ proj.responses().T
+        band = int(torch.searchsorted(edges, torch.tensor(hz))) - 1
+        assert int((energy / proj.responses().sum(-1)).argmax()) == band
+    clip, mask = 0.1 * torch.randn(1, 6, 640) + tone[:, :1].repeat(1, 6, 1), torch.ones(1, 6, dtype=torch.bool)
+    torch.testing.assert_close(proj(100 * clip, mask), proj(clip, mask), atol=1e-4, rtol=1e-4)

@@ -5,7 +5,8 @@ Vision (`model/vision=`): patch_ef (Gemma 4) and the designs in vision_designs.p
 audio_frames (Gemma 4) and the designs in audio_designs.py.
 """
 from gemma_fusion.models.projectors.audio_designs import (FrameStackProjector, HFAudioProjector,
-                                                          MelConformerProjector, WaveConvProjector)
+                                                          MelConformerProjector, SincFilterbankProjector,
+                                                          WaveConvProjector)
 from gemma_fusion.models.projectors.audio_frames import AudioFrameProjector
 from gemma_fusion.models.projectors.base import AudioProjector, Projector, VisionProjector
 from gemma_fusion.models.projectors.vision_designs import (ConvStemProjector, HFVisionProjector, LinearPatchProjector,
@@ -14,4 +15,4 @@ from gemma_fusion.models.projectors.vision_patch import PatchEmbedder
 
 __all__ = ["AudioFrameProjector", "AudioProjector", "ConvStemProjector", "FrameStackProjector", "HFAudioProjector",
            "HFVisionProjector", "LinearPatchProjector", "MLPPatchProjector", "MelConformerProjector", "PatchEmbedder",
-           "PixelShuffleProjector", "Projector", "ViTProjector", "VisionProjector", "WaveConvProjector"]
+           "PixelShuffleProjector", "Projector", "SincFilterbankProjector", "ViTProjector", "VisionProjector", "WaveConvProjector"]

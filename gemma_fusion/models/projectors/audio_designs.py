@@ -7,6 +7,7 @@ mask dispatch, idle inputs and frozen parts: the `AudioProjector` contract (base
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -108,6 +109,80 @@ class WaveConvProjector(AudioProjector):
         x = rearrange(frames.to(self.proj.weight.dtype), "b t f -> (b t) 1 f")
         x = self.convs(x).mean(-1)  # (B T), C, steps -> (B T), C
         return rearrange(self.proj(x), "(b t) d -> b t d", b=frames.shape[0])
+
+
+def mel_spaced(low_hz: float, high_hz: float, count: int) -> torch.Tensor:
+    """`count` frequencies in Hz evenly spaced on the HTK mel scale from `low_hz` to `high_hz` (both included)."""
+    mel = torch.linspace(2595 * math.log10(1 + low_hz / 700), 2595 * math.log10(1 + high_hz / 700), count)
+    return 700 * (10 ** (mel / 2595) - 1)
+
+
+class SincFilterbankProjector(AudioProjector):
+    """`sinc_fbank`: band-pass filters with learnable cut-offs on each frame -> log band energies -> MLP (SincNet-style).
+
+    Signature :: frames [B, T, frame_dim], mask [B, T] --> [B, T, out_dim]
+
+    Encoder-free in the sense of issue step 10: no pretrained encoder and no fixed mel transform; what it learns
+    of the front end is, as in SincNet (Ravanelli & Bengio 2018), only each band's two cut-offs. Each frame is
+    Hann-windowed and taken to its power spectrum |X(f)|^2 by a real DFT written as one matrix product (so
+    FlopCounterMode, and with it RUN/compute.json, counts it); band k passes [f1_k, f2_k] with one-bin soft edges,
+    f1_k = min_hz + |low_k|, f2_k = f1_k + min_band_hz + |band_k| (cut-offs initialised mel-spaced from min_hz
+    to the Nyquist frequency), and its energy is the mean power inside the band: the frame's energy after an
+    ideal zero-phase band-pass filter, per Hz. log(energy + eps) is then normalised per clip (each band's mean
+    over the clip's real frames subtracted: gain-invariant, like cepstral mean normalisation) and an MLP,
+    Linear(bands -> hidden_dim) -> GELU -> Linear(hidden_dim -> out_dim), makes one token per frame. Frames do
+    not see each other except through that per-clip mean; padding frames are left out of it.
+
+    Args:
+        out_dim: the backbone's hidden size.
+        frame_dim: samples per soft token (640 = 40 ms at 16 kHz; 25 Hz per DFT bin).
+        bands: number of band-pass filters.
+        hidden_dim: width of the MLP.
+        min_hz: lowest cut-off at initialisation (and always: f1 >= min_hz).
+        min_band_hz: narrowest band.
+        eps: added to the band energies before the log.
+    """
+
+    uses_mask = True
+
+    def __init__(self, out_dim: int, frame_dim: int = 640, bands: int = 64, hidden_dim: int = 256,
+                 min_hz: float = 30.0, min_band_hz: float = 25.0, eps: float = 1e-6):
+        super().__init__(out_dim, frame_dim)
+        nyquist, bins = SAMPLE_RATE / 2, frame_dim // 2 + 1
+        if not 0 <= min_hz < nyquist - min_band_hz:
+            raise ValueError(f"sinc_fbank: min_hz={min_hz} must lie in [0, {nyquist - min_band_hz}) Hz (the Nyquist "
+                             f"frequency {nyquist:g} Hz minus min_band_hz).")
+        n, k = torch.arange(frame_dim, dtype=torch.float64), torch.arange(bins, dtype=torch.float64)
+        phase = 2 * math.pi * torch.outer(n, k) / frame_dim  # frame_dim, bins
+        window = torch.hann_window(frame_dim, periodic=True, dtype=torch.float64)[:, None]
+        dft = torch.cat([window * torch.cos(phase), window * torch.sin(phase)], dim=1)  # frame_dim, 2 * bins
+        self.register_buffer("dft", dft.float(), persistent=False)
+        self.register_buffer("freqs", k.float() * SAMPLE_RATE / frame_dim, persistent=False)  # bins, Hz
+        edges = mel_spaced(min_hz, nyquist, bands + 1)
+        self.min_hz, self.min_band_hz, self.edge_hz, self.eps = min_hz, min_band_hz, SAMPLE_RATE / frame_dim, eps
+        self.low_hz = nn.Parameter(edges[:-1] - min_hz)  # SincNet's parametrisation: cut-offs in Hz
+        self.band_hz = nn.Parameter((edges[1:] - edges[:-1] - min_band_hz).clamp(min=0.0))
+        self.mlp = nn.Sequential(nn.Linear(bands, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+
+    def responses(self) -> torch.Tensor:
+        """[bands, bins] each filter's power response, 0..1, on the DFT bins."""
+        low = self.min_hz + self.low_hz.abs()
+        high = (low + self.min_band_hz + self.band_hz.abs()).clamp(max=SAMPLE_RATE / 2)
+        f = self.freqs[None, :]
+        return torch.sigmoid((f - low[:, None]) / self.edge_hz) * torch.sigmoid((high[:, None] - f) / self.edge_hz)
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        valid = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device) if mask is None else mask.bool()
+        with torch.autocast(frames.device.type, enabled=False):
+            spectrum = frames.float() @ self.dft  # B, T, 2 * bins: the windowed frame's real and imaginary parts
+            power = spectrum.pow(2).unflatten(-1, (2, -1)).sum(-2) / self.dft.shape[0]  # B, T, bins
+            response = self.responses()
+            energy = power @ response.T / response.sum(-1)  # B, T, bands: mean power inside each band
+            feats = torch.log(energy + self.eps)
+            weight = valid[..., None].float()
+            mean = (feats * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp(min=1.0)
+            feats = (feats - mean) * weight  # padding frames -> 0
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
 
 class ConvModule(nn.Module):

@@ -47,6 +47,10 @@ def build_projector(node: Mapping | None, hidden: int, ckpt_args: dict, ckpt_sta
             log.info("model/%s initialised from the checkpoint's embedder", name)
         else:
             log.warning("model/%s does not have the checkpoint's embedder shapes; it starts from random init", name)
+    elif ckpt_state is not None and not projector.gemma4_native:
+        log.info("model/%s (%s) starts from random init; the checkpoint's own %s embedder is not used (the Gemma 4 "
+                 "design, model/%s=%s, starts from it)", name, type(projector).__name__, name, name,
+                 "patch_ef" if name == "vision" else "audio_frames")
     return projector
 
 
