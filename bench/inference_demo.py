@@ -1,12 +1,13 @@
 """The demo model at bf16 / int8 / int4 and a distilled int8 student: held-out exact match, memory, decode speed.
 
-    python bench/inference_demo.py --run runs/demo [--student runs/demo_int8] [--out exports/bench] [--steps 32]
-        [--split val|test]
+    python bench/inference_demo.py --run runs/demo [--student runs/demo_int8 ...] [--control RUN ...]
+        [--out exports/bench] [--steps 32] [--split val|test]
 
 For the trained run (`--run`, the teacher) it exports `quant=none dtype=bfloat16`, `quant=int8` and
 `quant=int4` (bf16 base, LoRA merged; `python -m gemma_fusion.export`) into `--out`, then for the run itself
-(float32, as trained), each export and the distilled student run (`--student`, evaluated as it trained: its
-adapters on its int8 base) measures, one after another in this process:
+(float32, as trained), each export, the distilled student runs (`--student`, one or more, e.g. seeds; evaluated as
+they trained: adapters on an int8 base) and the control runs (`--control`: the same student recipe without the KL
+term, `distill.alpha=0`) measures, one after another in this process:
 
 - held-out exact match on the run's `data.val` (`--split test`: its `data.test`, the split nothing was tuned on)
   (greedy, KV-cached; overall, image, audio), as `eval.py`;
@@ -19,7 +20,9 @@ Prints one JSON line per model and a final JSON line {"models": [...], "distilla
 keeps `em_vs_teacher` of the teacher's exact match (target >= 0.95 for the student), `em_vs_teacher_ci` with its
 paired bootstrap 95 % interval over the samples (per-sample records in OUT/records/<model>/); with `--student`,
 "distillation" sets the student beside the plain int8 export (`distillation_effect`: student minus plain with its
-interval, and "distillation adds nothing measurable" where that interval includes zero).
+interval, and "distillation adds nothing measurable" where that interval includes zero); with `--control`, also
+student minus control (`student_minus_control`, `kl_verdict`): what the teacher's soft targets add over the same
+extra steps with cross-entropy alone. With several students or controls the intervals resample runs and samples.
 """
 from __future__ import annotations
 
@@ -85,7 +88,9 @@ def measure(name: str, path: Path, steps: int, records: Path, split: str = "val"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="the trained demo run (the teacher)")
-    parser.add_argument("--student", help="a distilled student run (experiment=distill)")
+    parser.add_argument("--student", nargs="+", default=[], help="distilled student runs (experiment=distill)")
+    parser.add_argument("--control", nargs="+", default=[],
+                        help="the same student recipe without the KL term (experiment=distill distill.alpha=0)")
     parser.add_argument("--out", default="exports/bench", help="where the exports go")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed")
     parser.add_argument("--split", choices=("val", "test"), default="val",
@@ -101,8 +106,12 @@ def main() -> None:
         target = out / f"{quant}_bf16"
         export_run(args.run, target, quant, dtype="bfloat16", overwrite=True)
         models.append((f"export {'bf16' if quant == 'none' else quant}", target))
-    if args.student:
-        models.append(("student int8 (distilled)", Path(args.student)))
+    students = [(f"student int8 (distilled){'' if i == 0 else f' {i + 1}'}", Path(run))
+                for i, run in enumerate(args.student)]
+    controls = [(f"control int8 (no KL){'' if i == 0 else f' {i + 1}'}", Path(run)) for i, run in enumerate(args.control)]
+    if controls and not students:
+        parser.error("--control needs --student: a control is the student's recipe without the KL term")
+    models += students + controls
     rows = []
     for name, path in models:
         records = out / "records" / re.sub(r"\W+", "_", name).strip("_")  # e.g. student_int8_distilled
@@ -116,10 +125,13 @@ def main() -> None:
         row["em_vs_teacher"] = round(row["exact_match"]["overall"] / teacher, 4) if teacher else None
         row["em_vs_teacher_ci"] = paired(by_model[row["model"]], by_model["run float32"])["exact_match_ratio"]
     distillation = None
-    if args.student:
+    if students:
         distillation = distillation_effect(by_model["run float32"], by_model["export int8"],
-                                           by_model["student int8 (distilled)"])
+                                           [by_model[name] for name, _ in students],
+                                           [by_model[name] for name, _ in controls] or None)
         print(distillation["verdict"], flush=True)
+        if controls:
+            print(distillation["kl_verdict"], flush=True)
     print(json.dumps({"models": rows, "distillation": distillation, "threads": torch.get_num_threads(),
                       "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                       "date": datetime.date.today().isoformat()}))

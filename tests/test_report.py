@@ -272,6 +272,27 @@ def test_distillation_effect_interval_and_plain_sentence():
     assert effect["student_minus_plain"][1] > 0 and "distillation adds a measurable gain" in effect["verdict"]
 
 
+def test_distillation_control_separates_the_kl_term_from_the_extra_steps():
+    """Students and controls (the same steps without the KL term) of several seeds: student minus control is the
+    difference of their mean exact matches (a plain formula), its interval excludes zero only when the students
+    really are better, and student minus plain averages over the student runs."""
+    n = 300
+    teacher = {f"k{i}": {"exact_match": 1.0} for i in range(n)}
+    plain = {f"k{i}": {"exact_match": float(i < 150)} for i in range(n)}
+    runs = lambda ends: [{f"k{i}": {"exact_match": float(i < end)} for i in range(n)} for end in ends]  # noqa: E731
+    students, controls = runs([200, 205, 195]), runs([199, 204, 196])
+    effect = distillation_effect(teacher, plain, students, controls)
+    assert effect["student_minus_control"][0] == pytest.approx((600 - 599) / (3 * n))
+    assert effect["student_minus_plain"][0] == pytest.approx(600 / (3 * n) - 150 / n)
+    assert effect["student_minus_control"][1] < 0 < effect["student_minus_control"][2]
+    assert effect["kl_verdict"].endswith("the KL term adds nothing measurable over the same steps without it.")
+    assert effect["students"] == 3 and effect["controls"] == 3 and "(3 student runs)" in effect["verdict"]
+
+    effect = distillation_effect(teacher, plain, students, runs([150, 155, 160]))
+    assert effect["student_minus_control"][1] > 0 and "the KL term adds a measurable gain" in effect["kl_verdict"]
+    assert "kl_verdict" not in distillation_effect(teacher, plain, students)
+
+
 def test_not_a_sweep_directory_is_one_sentence(tmp_path):
     with pytest.raises(SystemExit, match="no finished runs"):
         write_report(tmp_path)

@@ -119,29 +119,49 @@ def paired(records: dict[str, dict], base: dict[str, dict]) -> dict:
             "exact_match_ratio": ratio, "modalities": modalities}
 
 
-def distillation_effect(teacher: dict[str, dict], plain: dict[str, dict], student: dict[str, dict]) -> dict:
+def distillation_effect(teacher: dict[str, dict], plain: dict[str, dict], student, control=None) -> dict:
     """What distillation bought, from per-sample records (`read_records`) on the same samples: the student's and
     the plain quantised export's exact match as fractions of the teacher's (None where the teacher's is 0), and
-    student minus plain, each with a paired bootstrap 95 % interval over the samples all three evaluated; `verdict`
-    says it in one sentence."""
-    keys = sorted(teacher.keys() & plain.keys() & student.keys())
+    student minus plain, each with a paired bootstrap 95 % interval over the samples all of them evaluated;
+    `verdict` says it in one sentence.
+
+    student: one student's records or a list of them (students of one recipe, e.g. seeds: the interval then
+    resamples them too). control: optional, the same recipe trained without the KL term (`distill.alpha=0`),
+    one or a list: it separates the teacher's soft targets from the extra training steps, as
+    `student_minus_control` and `kl_verdict`."""
+    students = student if isinstance(student, list) else [student]
+    controls = control if isinstance(control, list) else [control] if control is not None else []
+    keys = sorted(set.intersection(*(set(r) for r in (teacher, plain, *students, *controls))))
     if not keys:
         raise UserError("distillation: the teacher, the plain export and the student share no evaluated samples; "
                         "evaluate them on the same shards (data.eval=SHARDS).")
-    em = {name: [records[k]["exact_match"] for k in keys]
-          for name, records in (("teacher", teacher), ("plain", plain), ("student", student))}
-    keeps = {name: paired_bootstrap_runs([em[name]], [em["teacher"]], np.divide) if any(em["teacher"]) else None
+    def em_of(records):
+        return [records[k]["exact_match"] for k in keys]
+
+    em = {"teacher": [em_of(teacher)], "plain": [em_of(plain)], "student": [em_of(r) for r in students],
+          "control": [em_of(r) for r in controls]}
+    keeps = {name: paired_bootstrap_runs(em[name], em["teacher"], np.divide) if any(em["teacher"][0]) else None
              for name in ("student", "plain")}
-    gain = paired_bootstrap_runs([em["student"]], [em["plain"]])
+    gain = paired_bootstrap_runs(em["student"], em["plain"])
     effect = ("distillation adds nothing measurable" if gain[1] <= 0 <= gain[2]
               else "distillation adds a measurable gain" if gain[1] > 0 else "distillation costs exact match")
     kept = (f"The distilled student keeps {_share(keeps['student'])} of the teacher's exact match, the plain "
-            f"quantised export {_share(keeps['plain'])}" if any(em["teacher"])
+            f"quantised export {_share(keeps['plain'])}" if any(em["teacher"][0])
             else "The teacher has no exact match on these samples (no fraction of it to keep)")
+    runs = f" ({len(students)} student runs)" if len(students) > 1 else ""
     verdict = (f"{kept}; student minus plain {gain[0]:+.3f} [{gain[1]:+.3f}, {gain[2]:+.3f}] exact match on "
-               f"{len(keys)} paired samples (95 % paired bootstrap): {effect}.")
-    return {"n": len(keys), "student_keeps": keeps["student"], "plain_keeps": keeps["plain"],
-            "student_minus_plain": gain, "verdict": verdict}
+               f"{len(keys)} paired samples{runs} (95 % paired bootstrap): {effect}.")
+    result = {"n": len(keys), "students": len(students), "student_keeps": keeps["student"],
+              "plain_keeps": keeps["plain"], "student_minus_plain": gain, "verdict": verdict}
+    if controls:
+        kl = paired_bootstrap_runs(em["student"], em["control"])
+        kl_effect = ("the KL term adds nothing measurable over the same steps without it" if kl[1] <= 0 <= kl[2]
+                     else "the KL term adds a measurable gain" if kl[1] > 0 else "the KL term costs exact match")
+        result.update(controls=len(controls), student_minus_control=kl, kl_verdict=(
+            f"Student minus control (the same steps, cross-entropy only): {kl[0]:+.3f} [{kl[1]:+.3f}, {kl[2]:+.3f}] "
+            f"exact match ({len(students)} vs {len(controls)} runs, 95 % bootstrap over runs and samples): "
+            f"{kl_effect}."))
+    return result
 
 
 def _share(interval: list[float]) -> str:
