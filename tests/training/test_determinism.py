@@ -12,7 +12,7 @@ from gemma_fusion.core.errors import UserError
 from gemma_fusion.models.projectors.posemb import table_lookup
 from gemma_fusion.training import recipe
 
-# The demo's designs (patch_ef, audio_frames, all_linear_r32) at tiny sizes, but with a position table wide enough
+# The demo's designs (patch_ef, sinc_fbank, all_linear_r32) at tiny sizes, but with a position table wide enough
 # (embed 512: 4 images x 8 patches x 2 axes x 512 = 32768 gradient elements) for its backward to reach the kernels that
 # split the work across threads (ATen's grain: 32768 elements), where the old lookup's atomic adds made runs drift.
 DEMO = ("trainer.max_steps=30", "eval_after_train=false", "seed=3", "data.shuffle_buffer=8",

@@ -29,10 +29,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_gemma4_dir, tiny_demo_dir, tmp_path_factory) -> Path:
-    """A run whose adapters moved (LoRA B is zero at init): 3 steps at a high learning rate, causal audio as
-    transformers' Gemma 4 has it (so the export is transformers-compatible)."""
+    """A run whose adapters moved (LoRA B is zero at init): 3 steps at a high learning rate, Gemma 4's own
+    projectors (patch_ef, audio_frames: the demo's audio design is sinc_fbank) and causal audio as transformers'
+    Gemma 4 has it (so the export is transformers-compatible)."""
     run_dir = tmp_path_factory.mktemp("run")
     cfg = compose_train(tiny_gemma4_dir, tiny_demo_dir, "eval_after_train=false", "model.bidirectional_audio=false",
+                        "model/audio=audio_frames",
                         "optim.lr.lora=0.01", "trainer.max_steps=3")
     recipe.train(cfg, run_dir)
     return run_dir
@@ -65,6 +67,22 @@ def test_quant_none_loads_in_transformers_with_our_logits_and_keeps_the_trained_
     torch.testing.assert_close(_logits(exported, batch), expected, atol=1e-4, rtol=1e-4)
     base = FusionModel.from_pretrained(yaml.safe_load((trained_run / "config.yaml").read_text())["backbone"]["path"])
     assert (_logits(base.eval(), batch) - expected).abs().max() > 1e-3  # training moved the model: the test can fail
+
+
+def test_a_design_gemma4_lacks_exports_for_gemma_fusion_and_says_transformers_cannot_load_it(
+        tiny_gemma4_dir, tiny_demo_dir, tmp_path):
+    """The demo's sinc_fbank is not Gemma 4's embed_audio: the export keeps it in projectors.safetensors, records
+    that transformers' class is not the trained model, and our loader gives the run's own logits."""
+    run_dir = tmp_path / "run"
+    recipe.train(compose_train(tiny_gemma4_dir, tiny_demo_dir, "eval_after_train=false", "model/audio=sinc_fbank",
+                               "optim.lr.lora=0.01", "trainer.max_steps=3"), run_dir)
+    out = export_run(run_dir, tmp_path / "out", "none")
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["native_projectors"] == {"vision": True, "audio": False} and not meta["transformers_compatible"]
+    trained, _ = load_run(run_dir)
+    exported, _ = load_export(out)
+    batch = _batch(trained)
+    torch.testing.assert_close(_logits(exported, batch), _logits(trained, batch), atol=1e-4, rtol=1e-4)
 
 
 DECODER_LINEAR = re.compile(r"^model\.language_model\.(layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj))"

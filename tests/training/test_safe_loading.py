@@ -91,7 +91,7 @@ def test_a_users_own_package_is_allowed_through_the_environment(make_cfg, tmp_pa
             pass
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = make_cfg("model.audio._target_=my_designs.MyAudio")
+    cfg = make_cfg("model/audio=audio_frames", "model.audio._target_=my_designs.MyAudio")  # its arguments
     with pytest.raises(UserError, match="GEMMA_FUSION_TARGETS=your_package"):
         build_model(cfg)
     monkeypatch.setenv("GEMMA_FUSION_TARGETS", "my_designs")
