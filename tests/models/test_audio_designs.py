@@ -1,6 +1,8 @@
 """The audio designs: one soft token per frame, padding never reaches valid frames, gradients, bad settings."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchaudio
@@ -179,3 +181,16 @@ def test_sinc_fbank_picks_the_band_of_a_tone_and_ignores_the_gain():
         assert int((energy / proj.responses().sum(-1)).argmax()) == band
     clip, mask = 0.1 * torch.randn(1, 6, 640) + tone[:, :1].repeat(1, 6, 1), torch.ones(1, 6, dtype=torch.bool)
     torch.testing.assert_close(proj(100 * clip, mask), proj(clip, mask), atol=1e-4, rtol=1e-4)
+
+
+def test_sinc_fbank_in_bfloat16_computes_its_front_end_in_float32():
+    """A model cast to bfloat16 (exports, `backbone.dtype`) keeps the DFT and the band responses in float32: the
+    output is the float32 module's up to bfloat16 rounding of the MLP."""
+    torch.manual_seed(0)
+    proj = SincFilterbankProjector(OUT, 640, bands=16, hidden_dim=24)
+    frames, mask = 0.3 * torch.randn(2, 5, 640), torch.ones(2, 5, dtype=torch.bool)
+    expected = proj(frames, mask)
+    half = copy.deepcopy(proj).to(torch.bfloat16)
+    out = half(frames.bfloat16(), mask)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)

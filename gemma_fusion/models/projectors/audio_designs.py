@@ -165,16 +165,16 @@ class SincFilterbankProjector(AudioProjector):
         self.mlp = nn.Sequential(nn.Linear(bands, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
 
     def responses(self) -> torch.Tensor:
-        """[bands, bins] each filter's power response, 0..1, on the DFT bins."""
-        low = self.min_hz + self.low_hz.abs()
-        high = (low + self.min_band_hz + self.band_hz.abs()).clamp(max=SAMPLE_RATE / 2)
-        f = self.freqs[None, :]
+        """[bands, bins] each filter's power response, 0..1, on the DFT bins, in float32 whatever the module's dtype."""
+        low = self.min_hz + self.low_hz.float().abs()
+        high = (low + self.min_band_hz + self.band_hz.float().abs()).clamp(max=SAMPLE_RATE / 2)
+        f = self.freqs.float()[None, :]
         return torch.sigmoid((f - low[:, None]) / self.edge_hz) * torch.sigmoid((high[:, None] - f) / self.edge_hz)
 
     def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         valid = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device) if mask is None else mask.bool()
         with torch.autocast(frames.device.type, enabled=False):
-            spectrum = frames.float() @ self.dft  # B, T, 2 * bins: the windowed frame's real and imaginary parts
+            spectrum = frames.float() @ self.dft.float()  # B, T, 2 * bins: the windowed frame's real, imaginary parts
             power = spectrum.pow(2).unflatten(-1, (2, -1)).sum(-2) / self.dft.shape[0]  # B, T, bins
             response = self.responses()
             energy = power @ response.T / response.sum(-1)  # B, T, bands: mean power inside each band
