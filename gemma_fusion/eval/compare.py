@@ -135,6 +135,7 @@ def distillation_effect(teacher: dict[str, dict], plain: dict[str, dict], studen
     if not keys:
         raise UserError("distillation: the teacher, the plain export and the student share no evaluated samples; "
                         "evaluate them on the same shards (data.eval=SHARDS).")
+
     def em_of(records):
         return [records[k]["exact_match"] for k in keys]
 
