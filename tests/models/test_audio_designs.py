@@ -152,18 +152,23 @@ def test_mel_conformer_front_end_is_torchaudio_mel_spectrogram():
     torch.testing.assert_close(power_mel(wave, proj.window, proj.mel_fbank, proj.hop, "constant"), expected)
 
 
+def fft_band_energy(proj: SincFilterbankProjector, frames: torch.Tensor) -> torch.Tensor:
+    """Each band's mean power, from torch.fft.rfft of the Hann-windowed frames (not the projector's DFT matrix):
+    sum_f response(f) |X(f)|^2 / N over sum_f response(f), in float64 --> [..., T, bands]."""
+    n = frames.shape[-1]
+    power = torch.fft.rfft(frames.double() * torch.hann_window(n, periodic=True, dtype=torch.float64)).abs().pow(2) / n
+    response = proj.responses().double()
+    return power @ response.T / response.sum(-1)
+
+
 def test_sinc_fbank_band_energies_equal_an_fft_reference():
-    """The DFT-by-matmul front end against torch.fft.rfft of the Hann-windowed frame: each band's mean power is
-    sum_f response(f) |X(f)|^2 / N over sum_f response(f); the features are its log, minus the clip's mean."""
+    """The DFT-by-matmul front end against the rfft reference; the features are the log, minus the clip's mean."""
     torch.manual_seed(0)
     proj = SincFilterbankProjector(OUT, 640, bands=16, hidden_dim=24)
     with torch.no_grad():
         proj.low_hz.add_(torch.rand(16) * 50)  # cut-offs off the initial grid
     frames, mask = 0.3 * torch.randn(1, 5, 640), torch.ones(1, 5, dtype=torch.bool)
-    window = torch.hann_window(640, periodic=True, dtype=torch.float64)
-    power = torch.fft.rfft(frames.double() * window).abs().pow(2) / 640  # 1, 5, 321
-    response = proj.responses().double()
-    log_energy = torch.log(power @ response.T / response.sum(-1) + proj.eps)
+    log_energy = torch.log(fft_band_energy(proj, frames) + proj.eps)
     expected = proj.mlp((log_energy - log_energy.mean(1, keepdim=True)).float())
     torch.testing.assert_close(proj(frames, mask), expected, atol=1e-5, rtol=1e-4)
 
@@ -176,9 +181,8 @@ def test_sinc_fbank_picks_the_band_of_a_tone_and_ignores_the_gain():
     t = torch.arange(4 * 640) / 16000
     for hz in (697.0, 1336.0, 3000.0):
         tone = torch.sin(2 * torch.pi * hz * t).reshape(1, 4, 640)
-        energy = (proj.dft.T @ tone[0, 1]).pow(2).unflatten(0, (2, -1)).sum(0) @ proj.responses().T
         band = int(torch.searchsorted(edges, torch.tensor(hz))) - 1
-        assert int((energy / proj.responses().sum(-1)).argmax()) == band
+        assert int(fft_band_energy(proj, tone[0, 1]).argmax()) == band
     clip, mask = 0.1 * torch.randn(1, 6, 640) + tone[:, :1].repeat(1, 6, 1), torch.ones(1, 6, dtype=torch.bool)
     torch.testing.assert_close(proj(100 * clip, mask), proj(clip, mask), atol=1e-4, rtol=1e-4)
 

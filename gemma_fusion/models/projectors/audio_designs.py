@@ -175,7 +175,7 @@ class SincFilterbankProjector(AudioProjector):
         valid = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device) if mask is None else mask.bool()
         with torch.autocast(frames.device.type, enabled=False):
             spectrum = frames.float() @ self.dft.float()  # B, T, 2 * bins: the windowed frame's real, imaginary parts
-            power = spectrum.pow(2).unflatten(-1, (2, -1)).sum(-2) / self.dft.shape[0]  # B, T, bins
+            power = spectrum.pow(2).unflatten(-1, (2, -1)).sum(-2) / self.frame_dim  # B, T, bins
             response = self.responses()
             energy = power @ response.T / response.sum(-1)  # B, T, bands: mean power inside each band
             feats = torch.log(energy + self.eps)
